@@ -1,0 +1,75 @@
+"""The interface every anomaly model implements, and the registry that names them.
+
+A model is a pure `torch.nn.Module`: no training framework inside. The lightning wrapper in
+`aeflow.training` drives any model through these methods, so every method shares one training and
+evaluation path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from aeflow.data.sample import Batch
+from aeflow.errors import ConfigError
+
+
+class AnomalyModel(nn.Module):
+    """Trained on normal images; gives every image a score and every pixel an anomaly value.
+
+    Subclasses set `name` and implement `loss` (gradient-trained models) or `fit` (memory-bank
+    models such as PaDiM / PatchCore, which set `trained_by_gradient = False`), and `predict`.
+    """
+
+    name: str = "base"
+    trained_by_gradient: bool = True
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Training losses for one batch of (normal) images; the dict must hold the key "loss"."""
+        raise NotImplementedError
+
+    def fit(self, loader) -> None:
+        """One pass over the training images for models that are not trained by gradient descent."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Score a batch B x C x H x W.
+
+        Returns at least `pred_score` (B,) (higher = more anomalous) and `anomaly_map` (B, H, W) at the
+        input resolution. Models whose score blends several components also return each component
+        as `score_<component>` (B,) so that evaluation can report them on their own.
+        """
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments: `registry[name](**config())` rebuilds the model."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Callable[..., AnomalyModel]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a model constructible by name from the CLI and the Python API."""
+
+    def add(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def available_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> AnomalyModel:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available_models()) or 'none'}")
+    return _REGISTRY[name](**kwargs)
