@@ -1,0 +1,258 @@
+"""Decision thresholds, chosen on validation data only, by construction.
+
+A `ThresholdRule` sees validation scores (and, for some rules, validation labels) in `fit` and returns a frozen
+`Threshold`. The test-time `aeflow.evaluation.metrics.evaluate` accepts only such a `Threshold`, never a rule, so
+no rule can ever read test labels. Each `Threshold` carries the fingerprint of the scores it was fitted on, and
+`evaluate` refuses one fitted on the very scores it is asked to test (the common mistake of public AE-FLOW
+reproductions, which picked their F1 threshold on the test set).
+
+One convention everywhere: an image is predicted anomalous iff its score is strictly greater than the threshold
+(`Threshold.predict`). That is the direction in which the conformal guarantee P(score > t) <= alpha holds.
+
+Rules:
+- `F1Optimal()`: the threshold that maximises F1 on labelled validation scores.
+- `TargetSensitivity(target=0.95)`: the highest threshold whose validation sensitivity is at least `target`.
+- `ConformalFPR(alpha=0.05)`: from normal validation scores only (split conformal): the ceil((n+1)(1-alpha))-th
+  smallest of the n normal scores, so that a new, exchangeable normal image is flagged with probability at most
+  alpha. With fewer than ceil(1/alpha) - 1 normals no finite threshold gives that guarantee: the threshold is then
+  +inf (nothing is flagged) and `details["finite"]` is False.
+
+For the labelled rules, the threshold is placed midway between the lowest validation score the rule flags and the
+next lower validation score, so validation predictions are exactly the optimum's and the cut sits in the gap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve
+
+from aeflow.errors import AeflowError, ConfigError
+
+
+class EvaluationError(AeflowError):
+    """Scores, labels or thresholds cannot be evaluated as asked (e.g. one class only, a threshold fit on test)."""
+
+
+def as_scores(scores, what: str = "scores") -> np.ndarray:
+    """Validate one score per image: a finite 1-D float array."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise EvaluationError(f"{what} must be a non-empty 1-D array of one score per image, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise EvaluationError(f"{what} contain {int((~np.isfinite(arr)).sum())} NaN or infinite values")
+    return arr
+
+
+def as_labels(labels, n: int, what: str = "labels") -> np.ndarray:
+    """Validate image labels: 0 (normal) or 1 (anomalous), one per score."""
+    arr = np.asarray(labels)
+    if arr.shape != (n,):
+        raise EvaluationError(f"{what} must have shape ({n},) to match the scores, got {arr.shape}")
+    if not np.all(np.isin(arr, (0, 1))):
+        raise EvaluationError(f"{what} must be 0 (normal) or 1 (anomalous), got values {sorted(set(arr.tolist()))}")
+    return arr.astype(np.int64)
+
+
+def require_both_classes(labels: np.ndarray, what: str) -> None:
+    """AUROC, F1 and sensitivity are undefined with one class: fail loudly rather than average a NaN into a table."""
+    n_anomalous = int(labels.sum())
+    if n_anomalous == 0 or n_anomalous == labels.size:
+        present = "anomalous" if n_anomalous else "normal"
+        raise EvaluationError(
+            f"{what} contain only {present} images ({labels.size}); this needs both normal (0) and anomalous (1)"
+        )
+
+
+def scores_fingerprint(scores) -> str:
+    """A short hash of the score values: lets `evaluate` recognise the scores a threshold was fitted on."""
+    arr = np.ascontiguousarray(np.asarray(scores, dtype=np.float64))
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A fitted, immutable decision threshold: predict anomalous iff score > value.
+
+    rule: the rule and its parameters, e.g. "conformal_fpr(alpha=0.05)".
+    fitted_on: `scores_fingerprint` of the validation scores the rule saw.
+    n_fit: how many validation scores the rule saw.
+    details: what the rule measured on validation data, as sorted (name, value) pairs (a tuple keeps it immutable).
+    """
+
+    value: float
+    rule: str
+    fitted_on: str
+    n_fit: int
+    details: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self):
+        if math.isnan(self.value):
+            raise EvaluationError(f"threshold of rule {self.rule} is NaN")
+
+    def predict(self, scores) -> np.ndarray:
+        """0/1 predictions for the given scores."""
+        return (np.asarray(scores, dtype=np.float64) > self.value).astype(np.int64)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, e.g. to save next to a checkpoint; `from_dict` reads it back."""
+        return {"value": _json_float(self.value), "rule": self.rule, "fitted_on": self.fitted_on,
+                "n_fit": self.n_fit, "details": dict(self.details)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Threshold":
+        value = d["value"]
+        return cls(value=float(value), rule=d["rule"], fitted_on=d["fitted_on"], n_fit=int(d["n_fit"]),
+                   details=tuple(sorted(d.get("details", {}).items())))
+
+
+def _json_float(x: float) -> float | str:
+    """JSON has no infinity: write "inf"/"-inf" strings (float() reads them back)."""
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _cut_below(lowest_flagged: float, scores: np.ndarray) -> float:
+    """A threshold that flags exactly the scores >= lowest_flagged: midway to the next lower score."""
+    below = scores[scores < lowest_flagged]
+    if below.size == 0:
+        return float(np.nextafter(lowest_flagged, -np.inf))
+    lower = float(below.max())
+    mid = (lowest_flagged + lower) / 2
+    return mid if lower < mid < lowest_flagged else lower
+
+
+def _ceil(x: float) -> int:
+    """Ceiling robust to float noise: (99 + 1) * 0.9 is 90.00000000000001, whose ceiling must still be 90."""
+    return math.ceil(round(x, 9))
+
+
+def best_f1_cut(scores, labels) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 of `score > threshold` over the given labelled scores; the highest among ties.
+
+    Shared by `F1Optimal` (on validation) and `metrics.oracle_f1_on_test` (on test, labelled as such).
+    """
+    scores = as_scores(scores)
+    labels = as_labels(labels, scores.size)
+    require_both_classes(labels, "labels for the F1-optimal threshold")
+    precision, recall, cuts = precision_recall_curve(labels, scores)
+    precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))
+    return _cut_below(float(cuts[best]), scores), float(f1[best])
+
+
+class ThresholdRule:
+    """Chooses a `Threshold` from validation scores; subclasses are frozen dataclasses of their parameters."""
+
+    name: ClassVar[str]
+    needs_labels: ClassVar[bool]
+
+    def fit(self, val_scores, val_labels=None) -> Threshold:
+        scores = as_scores(val_scores, "validation scores")
+        labels = None if val_labels is None else as_labels(val_labels, scores.size, "validation labels")
+        if self.needs_labels and labels is None:
+            raise EvaluationError(f"threshold rule {self.describe()} needs labelled validation data (val_labels)")
+        value, details = self._choose(scores, labels)
+        return Threshold(value=float(value), rule=self.describe(), fitted_on=scores_fingerprint(scores),
+                         n_fit=int(scores.size), details=tuple(sorted(details.items())))
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{self.name}({params})"
+
+    def _choose(self, scores: np.ndarray, labels: np.ndarray | None) -> tuple[float, dict]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class F1Optimal(ThresholdRule):
+    """Maximise F1 on labelled validation data."""
+
+    name: ClassVar[str] = "f1_optimal"
+    needs_labels: ClassVar[bool] = True
+
+    def _choose(self, scores, labels):
+        value, f1 = best_f1_cut(scores, labels)
+        return value, {"val_F1": f1, "n_val_anomalous": int(labels.sum())}
+
+
+@dataclass(frozen=True)
+class TargetSensitivity(ThresholdRule):
+    """The highest threshold (best specificity) whose validation sensitivity is at least `target`."""
+
+    target: float = 0.95
+    name: ClassVar[str] = "target_sensitivity"
+    needs_labels: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"target sensitivity must be in (0, 1], got {self.target}")
+
+    def _choose(self, scores, labels):
+        require_both_classes(labels, "validation labels for the target-sensitivity threshold")
+        anomalous = np.sort(scores[labels == 1])[::-1]
+        k = _ceil(self.target * anomalous.size)
+        value = _cut_below(float(anomalous[k - 1]), scores)
+        predicted = scores > value
+        return value, {"val_SEN": float(predicted[labels == 1].mean()),
+                       "val_SPE": float(1 - predicted[labels == 0].mean()),
+                       "n_val_anomalous": int(anomalous.size)}
+
+
+@dataclass(frozen=True)
+class ConformalFPR(ThresholdRule):
+    """Split-conformal threshold on normal validation scores: P(new normal score > t) <= alpha.
+
+    Labels are optional: given, only the normal (0) scores are used; absent, all scores are taken as normal.
+    """
+
+    alpha: float = 0.05
+    name: ClassVar[str] = "conformal_fpr"
+    needs_labels: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"conformal alpha (target false-positive rate) must be in (0, 1), got {self.alpha}")
+
+    def _choose(self, scores, labels):
+        normal = np.sort(scores if labels is None else scores[labels == 0])
+        n = normal.size
+        if n == 0:
+            raise EvaluationError("conformal threshold needs normal validation scores; the labels have none")
+        k = _ceil((n + 1) * (1 - self.alpha))
+        details = {"alpha": self.alpha, "n_calibration": n, "rank": k, "finite": k <= n}
+        if k > n:
+            details["warning"] = (f"{n} normal scores are too few for alpha={self.alpha}: at least "
+                                  f"{_ceil(1 / self.alpha) - 1} are needed; nothing will be flagged")
+            return math.inf, details
+        return float(normal[k - 1]), details
+
+
+def conformal_p_values(calibration_scores, scores) -> np.ndarray:
+    """Conformal p-values p(s) = (1 + #{calibration normal scores >= s}) / (n + 1).
+
+    For an exchangeable new normal image, P(p <= alpha) <= alpha; `p <= alpha` flags exactly the scores above the
+    `ConformalFPR(alpha)` threshold fitted on the same calibration scores (when those have no ties).
+    """
+    calibration = np.sort(as_scores(calibration_scores, "calibration scores"))
+    s = np.asarray(scores, dtype=np.float64)
+    n_at_least = calibration.size - np.searchsorted(calibration, s, side="left")
+    return (1 + n_at_least) / (calibration.size + 1)
+
+
+RULES: dict[str, type[ThresholdRule]] = {r.name: r for r in (F1Optimal, TargetSensitivity, ConformalFPR)}
+
+
+def make_rule(name: str, **params) -> ThresholdRule:
+    """A rule from its config name, e.g. make_rule("conformal_fpr", alpha=0.05)."""
+    if name not in RULES:
+        raise ConfigError(f"unknown threshold rule {name!r}; choose one of {sorted(RULES)}")
+    try:
+        return RULES[name](**params)
+    except TypeError as e:
+        raise ConfigError(f"threshold rule {name!r}: {e}") from None

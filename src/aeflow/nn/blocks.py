@@ -1,0 +1,216 @@
+"""Building blocks shared by several models: conv encoder/decoder, smoothing, reconstruction scores, Perlin noise.
+
+Each block lives here because at least two model files use it; a block used by one method stays in that method's
+file so the file still reads like its paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim
+from torch import nn
+
+from aeflow.errors import ConfigError, DataError
+
+
+def conv_bn_act(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, batch norm, LeakyReLU: the unit of every conv encoder and decoder here."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
+
+
+class ConvEncoder(nn.Sequential):
+    """B x C x H x W -> B x widths[-1] x H/2^n x W/2^n, n = len(widths): every stage halves the size."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int]):
+        stages, channels = [], in_channels
+        for width in widths:
+            stages.append(nn.Sequential(conv_bn_act(channels, width, stride=2), conv_bn_act(width, width)))
+            channels = width
+        super().__init__(*stages)
+        self.out_channels = channels
+
+
+class ConvDecoder(nn.Sequential):
+    """B x in_channels x h x w -> B x out_channels x h*2^n x w*2^n with values in (0, 1), like the input images.
+
+    Each stage doubles the size with a stride-2 transposed convolution and refines with a 3x3 convolution.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int], out_channels: int):
+        stages, channels = [], in_channels
+        for width in widths:
+            stages.append(
+                nn.Sequential(
+                    nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.LeakyReLU(0.2, inplace=True),
+                    conv_bn_act(width, width),
+                )
+            )
+            channels = width
+        stages.append(nn.Sequential(nn.Conv2d(channels, out_channels, 3, padding=1), nn.Sigmoid()))
+        super().__init__(*stages)
+
+
+def check_image_size(images: torch.Tensor, multiple: int) -> None:
+    """Models that halve the size n times need sides divisible by 2^n; say so instead of a shape error deep inside."""
+    h, w = images.shape[-2:]
+    if h % multiple or w % multiple:
+        raise DataError(f"image size {h}x{w} must be a multiple of {multiple} for this model; resize the input")
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Smooth B x H x W anomaly maps with a Gaussian (truncated at 4 sigma, reflected borders).
+
+    Pixel residuals and patch distances are noisy at the pixel scale while lesions are not; every
+    method in the literature smooths its map (PaDiM and PatchCore with sigma = 4 at 224-256 px).
+    """
+    if sigma <= 0:
+        return maps
+    radius = min(math.ceil(4 * sigma), min(maps.shape[-2:]) - 1)  # reflect padding must stay inside the map
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.pad(maps.unsqueeze(1), (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the highest `fraction` of each map's values: a small lesion decides the score, one noisy pixel does not."""
+    flat = maps.flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+RECONSTRUCTION_SCORES = ("mse", "topk", "ssim")
+
+
+def reconstruction_scores(
+    images: torch.Tensor, recon: torch.Tensor, *, blur_sigma: float, topk_fraction: float
+) -> dict[str, torch.Tensor]:
+    """The usual outputs of a reconstruction model: a residual map and three image scores.
+
+    anomaly_map: squared residual averaged over channels, smoothed. score_mse: mean squared residual.
+    score_topk: mean of the top fraction of the smoothed map. score_ssim: -SSIM(x, x') (higher = worse
+    reconstruction), the reconstruction score of AE-FLOW.
+    """
+    residual = (images - recon).pow(2).mean(1)
+    anomaly_map = gaussian_blur(residual, blur_sigma)
+    return {
+        "anomaly_map": anomaly_map,
+        "score_mse": residual.flatten(1).mean(1),
+        "score_topk": top_k_mean(anomaly_map, topk_fraction),
+        "score_ssim": -ssim(images, recon, data_range=1.0, size_average=False),
+    }
+
+
+def check_score_options(score: str, choices: Sequence[str], topk_fraction: float, blur_sigma: float) -> None:
+    """Validate the scoring options of reconstruction models at construction, with a message naming the option."""
+    if score not in choices:
+        raise ConfigError(f"score must be one of {', '.join(choices)}; got {score!r}")
+    if not 0 < topk_fraction <= 1:
+        raise ConfigError(f"topk_fraction must be in (0, 1]; got {topk_fraction}")
+    if blur_sigma < 0:
+        raise ConfigError(f"blur_sigma must be >= 0; got {blur_sigma}")
+
+
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin_noise(
+    batch: int,
+    height: int,
+    width: int,
+    cells: tuple[int, int],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Gradient (Perlin) noise, B x H x W with values in about [-1, 1]: smooth random blobs of `cells` per side.
+
+    Random unit gradients sit on a (cells_y + 1) x (cells_x + 1) lattice; each pixel blends the dot products
+    with its four lattice corners through the quintic fade curve (Perlin 2002). DRAEM thresholds it into
+    irregular anomaly shapes; it also makes smooth random textures.
+    """
+    cells_y, cells_x = cells
+    angles = 2 * math.pi * torch.rand(batch, cells_y + 1, cells_x + 1, generator=generator, device=device)
+    gradients = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    y = torch.arange(height, device=device) * (cells_y / height)
+    x = torch.arange(width, device=device) * (cells_x / width)
+    iy, ix = y.long(), x.long()
+    fy, fx = (y - iy)[:, None], (x - ix)[None, :]
+
+    def corner(dy: int, dx: int) -> torch.Tensor:
+        g = gradients[:, iy + dy][:, :, ix + dx]  # B x H x W x 2
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    u, v = _fade(fy), _fade(fx)
+    top = torch.lerp(corner(0, 0), corner(0, 1), v)
+    bottom = torch.lerp(corner(1, 0), corner(1, 1), v)
+    return math.sqrt(2) * torch.lerp(top, bottom, u)
+
+
+# Submodules of each trunk in aeflow.nn.backbones whose outputs are its stride-4, -8 and -16 stages.
+_STAGE_MODULES = {
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "efficientnet_lite0": ("_blocks.2", "_blocks.4", "_blocks.10"),  # last block at 24, 40 and 112 channels
+}
+
+
+class FeatureStages(nn.Module):
+    """A frozen backbone read at its stride-4, -8 and -16 stages: the multi-scale features of PaDiM, PatchCore and
+    FastFlow. forward(images in [0, 1], 1 or 3 channels) -> [B x C_i x H/s x W/s for s in 4, 8, 16].
+
+    The stages are caught with forward hooks that live only during one call, so the backbone stays the plain
+    module of `aeflow.nn.backbones` (and exports and pickles like one).
+    """
+
+    strides = (4, 8, 16)
+
+    def __init__(self, backbone: str, *, pretrained: bool = True, weights: str | None = None):
+        from aeflow.nn.backbones import create_backbone
+
+        super().__init__()
+        if backbone not in _STAGE_MODULES:
+            raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(_STAGE_MODULES)}")
+        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, frozen=True)
+        self.stage_modules = _STAGE_MODULES[backbone]
+        with torch.no_grad():
+            self.out_channels = [f.shape[1] for f in self(torch.zeros(1, 3, 32, 32))]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(name: str):
+            return lambda module, inputs, output: outputs.__setitem__(name, output)
+
+        handles = [self.backbone.get_submodule(name).register_forward_hook(keep(name)) for name in self.stage_modules]
+        try:
+            self.backbone(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [outputs[name] for name in self.stage_modules]
+
+
+def adopt_buffer_shapes(module: nn.Module, state_dict: dict, prefix: str, names: Sequence[str]) -> None:
+    """Let load_state_dict fill buffers whose shape is only known after fitting (memory banks, Gaussians).
+
+    Call from `_load_from_state_dict`: each named buffer is replaced by an empty one of the saved shape.
+    """
+    for name in names:
+        saved = state_dict.get(prefix + name)
+        if saved is not None:
+            setattr(module, name, torch.empty_like(saved, device=getattr(module, name).device))

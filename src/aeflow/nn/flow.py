@@ -1,0 +1,117 @@
+"""The normalizing-flow bottleneck of AE-FLOW: K invertible steps over the encoder's feature map.
+
+Each step is FrEIA's `AllInOneBlock`, which is exactly the paper's step: an affine coupling whose log-scale
+is soft-clamped by `clamp * tanh(.)`, a Softplus global affine scaling ("ActNorm") and a fixed random
+channel permutation. The steps act on the C x h x w map with convolutional coupling networks, so the
+spatial size is not baked in: one flow serves every input size.
+
+Two coupling networks, as in the paper: "conv" (FastFlow's 3x3 conv -> ReLU -> 1x1 conv) and "resnet"
+(3x3 conv + BatchNorm + ReLU, plus a 1x1-conv shortcut).
+"""
+
+from __future__ import annotations
+
+import math
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import torch
+from torch import nn
+
+from aeflow.errors import ConfigError
+
+SUBNETS = ("conv", "resnet")
+
+
+class ConvSubnet(nn.Sequential):
+    """FastFlow's coupling network. The last conv starts at zero, so every coupling starts as the identity
+    (Glow's trick): the untrained flow is then just the global scaling and permutation, and early steps of
+    training cannot blow up the log-determinant."""
+
+    def __init__(self, channels_in: int, channels_out: int, hidden_ratio: float = 1.0):
+        hidden = max(1, round(channels_in * hidden_ratio))
+        super().__init__(
+            nn.Conv2d(channels_in, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, channels_out, 1),
+        )
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+
+class ResNetSubnet(nn.Module):
+    """The paper's residual coupling network: relu(bn(conv3x3(x))) + conv1x1(x).
+
+    Only the shortcut starts at zero. Zeroing the BatchNorm scale as well would feed exact zeros into the
+    ReLU, whose gradient there is zero, and the main branch would never learn; FrEIA's 0.1 factor on the
+    coupling outputs and the tanh clamp keep the non-zero start stable.
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, hidden_ratio: float = 1.0):
+        super().__init__()
+        del hidden_ratio  # one conv maps straight to the coupling coefficients: there is no hidden width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, padding=1),
+            nn.BatchNorm2d(channels_out),
+            nn.ReLU(),
+        )
+        self.shortcut = nn.Conv2d(channels_in, channels_out, 1)
+        nn.init.zeros_(self.shortcut.weight)
+        nn.init.zeros_(self.shortcut.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+def _subnet_constructor(kind: str, hidden_ratio: float):
+    cls = {"conv": ConvSubnet, "resnet": ResNetSubnet}[kind]
+    return lambda channels_in, channels_out: cls(channels_in, channels_out, hidden_ratio)
+
+
+class FlowBottleneck(nn.Module):
+    """z (B x C x h x w) -> z' of the same shape, and log|det dz'/dz| per sample (B,).
+
+    The fixed permutations are drawn from numpy's global generator (FrEIA's choice) when the flow is built;
+    they are stored in the state dict, so a flow rebuilt from its config and weights is the same flow.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        steps: int = 8,
+        subnet: str = "resnet",
+        hidden_ratio: float = 1.0,
+        clamp: float = 2.0,
+    ):
+        super().__init__()
+        if subnet not in SUBNETS:
+            raise ConfigError(f"flow subnet must be one of {SUBNETS}, got {subnet!r}")
+        if steps < 1:
+            raise ConfigError(f"flow steps must be >= 1, got {steps}")
+        # AllInOneBlock reads only the channel count and the rank from these dims, so 1 x 1 stands for any
+        # spatial size.
+        self.inn = Ff.SequenceINN(channels, 1, 1)
+        for _ in range(steps):
+            self.inn.append(
+                Fm.AllInOneBlock,
+                subnet_constructor=_subnet_constructor(subnet, hidden_ratio),
+                affine_clamping=clamp,
+                global_affine_type="SOFTPLUS",
+                permute_soft=False,
+            )
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_prime, log_det = self.inn(z)
+        return z_prime, log_det
+
+    def inverse(self, z_prime: torch.Tensor) -> torch.Tensor:
+        z, _ = self.inn(z_prime, rev=True)
+        return z
+
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """Element-wise log N(z; 0, 1)."""
+    return -0.5 * z.pow(2) - LOG_SQRT_2PI

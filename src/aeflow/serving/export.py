@@ -1,0 +1,183 @@
+"""Export a trained run to ONNX, with its pre-processing and score calibration inside, and score with onnxruntime.
+
+The ONNX graph's contract:
+    input  "image":       float32 B x C x H x W, values in [0, 1], H x W = the run's image_size, C = its channels
+    output "pred_score":  float32 B      (higher = more anomalous; anomalous iff > the threshold in the metadata)
+    output "anomaly_map": float32 B x H x W
+The batch size is free. Decoding a file and mapping its intensities to [0, 1] (the run's intensity rule), and
+resizing to H x W, happen *outside* the graph (they depend on the file format); everything after that is inside:
+the backbone's input normalisation (grayscale to RGB, ImageNet or Lite mean/std), the model, and the score
+calibration buffers (the standardisation statistics of normal validation images). The graph's metadata holds
+the run's image size, channels, intensity rule, model name and the threshold with its rule.
+
+The exporter is torch's TorchScript-based one (`dynamo=False`): the torch.export-based exporter needs the
+`onnxscript` package, which aeflow does not depend on, and the traced graph of AE-FLOW (FrEIA's AllInOneBlock,
+SSIM, Gaussian smoothing) exports and runs in onnxruntime within 1e-5 of PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from aeflow.errors import AeflowError, ConfigError
+from aeflow.serving.runtime import LoadedRun
+
+#: Largest relative difference between onnxruntime and PyTorch accepted at export time.
+PARITY_TOLERANCE = 1e-4
+OUTPUTS = ("pred_score", "anomaly_map")
+
+
+class ExportError(AeflowError):
+    """The model cannot be exported, or the exported graph does not reproduce PyTorch's results."""
+
+
+class _ScoringGraph(nn.Module):
+    """What the ONNX graph computes: images in [0, 1] -> (pred_score, anomaly_map)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.predict(image)
+        return out["pred_score"], out["anomaly_map"]
+
+
+def export_onnx(run_dir: str | Path, out_path: str | Path | None = None, *, opset: int = 17,
+                run: LoadedRun | None = None) -> Path:
+    """Write the run's model as ONNX (default: run_dir/model.onnx) and check it against PyTorch.
+
+    Raises ExportError when tracing fails or when onnxruntime's scores or maps differ from PyTorch's by more
+    than PARITY_TOLERANCE (relative to the largest PyTorch value) on a few test inputs.
+    """
+    import onnx
+
+    run = run or LoadedRun(run_dir)
+    out_path = Path(out_path) if out_path is not None else run.run_dir / "model.onnx"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    graph = _ScoringGraph(run.model).eval()
+    shape = (run.channels, run.image_size, run.image_size)
+    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    batch = {0: "batch"}
+    try:
+        with _traceable_ssim(), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and legacy-exporter warnings: the parity check decides
+            torch.onnx.export(graph, (example,), str(out_path), dynamo=False, opset_version=opset,
+                              input_names=["image"], output_names=list(OUTPUTS),
+                              dynamic_axes={"image": batch, "pred_score": batch, "anomaly_map": batch})
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
+        raise ExportError(f"cannot export {run.model_name} to ONNX: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    document = onnx.load(str(out_path))
+    metadata = {
+        "aeflow_model": run.model_name,
+        "image_size": str(run.image_size),
+        "channels": str(run.channels),
+        "intensity": run.intensity,
+        "threshold": repr(run.threshold.value),
+        "threshold_rule": run.threshold.rule,
+        "model_config": json.dumps(run.config.get("model_config", {})),
+    }
+    for key, value in metadata.items():
+        document.metadata_props.add(key=key, value=value)
+    onnx.save(document, str(out_path))
+    check_parity(graph, OnnxScorer(out_path), shape)
+    return out_path
+
+
+def check_parity(graph: nn.Module, scorer: OnnxScorer, shape: tuple[int, int, int]) -> float:
+    """Largest relative difference over a few inputs (batch sizes 1 and 3, noise and smooth images); raises
+    ExportError above PARITY_TOLERANCE."""
+    g = torch.Generator().manual_seed(1)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(3, *shape, generator=g), 9, stride=1, padding=4)
+    worst = 0.0
+    for images in (torch.rand(1, *shape, generator=g), smooth):
+        with torch.no_grad():
+            expected = dict(zip(OUTPUTS, (t.numpy() for t in graph(images))))
+        got = scorer.predict(images.numpy())
+        for name in OUTPUTS:
+            scale = max(float(np.abs(expected[name]).max()), 1e-6)
+            worst = max(worst, float(np.abs(got[name] - expected[name]).max()) / scale)
+    if not worst <= PARITY_TOLERANCE:
+        raise ExportError(f"the ONNX graph differs from PyTorch by {worst:.3g} (relative), more than "
+                          f"{PARITY_TOLERANCE:g}: do not use {scorer.path}")
+    return worst
+
+
+class OnnxScorer:
+    """Score images with an exported graph through onnxruntime (no torch needed at run time).
+
+    predict(images) takes float32 N x C x H x W (or N x H x W for single-channel models) in [0, 1] at the size in
+    the graph's metadata, and returns {"pred_score": N, "anomaly_map": N x H x W, "pred_label": N} (labels by
+    the threshold in the metadata: anomalous iff score > threshold).
+    """
+
+    def __init__(self, path: str | Path):
+        import onnxruntime
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"ONNX file {self.path} does not exist")
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ConfigError(f"{self.path}: cannot be loaded by onnxruntime ({exc})") from exc
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.image_size = int(self.metadata.get("image_size", 0)) or None
+        self.channels = int(self.metadata.get("channels", 0)) or None
+        self.threshold = float(self.metadata["threshold"]) if "threshold" in self.metadata else None
+
+    def predict(self, images) -> dict[str, np.ndarray]:
+        x = np.asarray(images, dtype=np.float32)
+        if x.ndim == 3 and self.channels == 1:
+            x = x[:, None]
+        expected = (self.channels, self.image_size, self.image_size)
+        if x.ndim != 4 or (self.image_size is not None and x.shape[1:] != expected):
+            raise ConfigError(f"images must be N x {' x '.join(map(str, expected))} (resize them first), "
+                              f"got {tuple(x.shape)}")
+        score, anomaly_map = self.session.run(list(OUTPUTS), {"image": np.ascontiguousarray(x)})
+        out = {"pred_score": score, "anomaly_map": anomaly_map}
+        if self.threshold is not None:
+            out["pred_label"] = (score.astype(np.float64) > self.threshold).astype(np.int64)
+        return out
+
+
+@contextlib.contextmanager
+def _traceable_ssim():
+    """Swap pytorch_msssim's `ssim` for the same computation written so that the tracer can export it.
+
+    `pytorch_msssim.ssim` builds its Gaussian window with `repeat(X.shape[1], ...)` and squeezes trailing
+    dimensions; traced with a free batch size, the window's shape becomes unknown (the exporter cannot emit the
+    convolution) and the squeezes become ONNX `If` nodes that onnxruntime rejects. The stand-in calls the
+    library's own `_ssim` with a window whose channel count is a constant: the same numbers for 4-D images.
+    It is swapped only where aeflow modules imported `ssim`, and only while exporting.
+    """
+    import pytorch_msssim
+    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+    def ssim(X, Y, data_range=255, size_average=True, win_size=11, win_sigma=1.5, win=None, K=(0.01, 0.03),
+             nonnegative_ssim=False):
+        if win is None:
+            win = _fspecial_gauss_1d(win_size, win_sigma).repeat(int(X.shape[1]), 1, 1, 1)
+        per_channel, _ = _ssim(X, Y, data_range=data_range, win=win, size_average=False, K=K)
+        if nonnegative_ssim:
+            per_channel = torch.relu(per_channel)
+        return per_channel.mean() if size_average else per_channel.mean(1)
+
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("aeflow.") and getattr(m, "ssim", None) is pytorch_msssim.ssim]
+    for module in patched:
+        module.ssim = ssim
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.ssim = pytorch_msssim.ssim

@@ -1,0 +1,132 @@
+"""Score new scans with a trained run: files, folders, DICOM series and multi-frame files, NIfTI volumes.
+
+Writes into `out_dir`:
+    predictions.csv   one row per 2-D image: path, slice, pred_score, pred_label, threshold, threshold_rule, overlay
+    skipped.csv       path, reason for every file that could not be read (not fatal with skip_bad=True)
+    overlays/*.png    the image in gray with its anomaly map in colour, score and verdict written on it
+
+Rows are appended and flushed after every batch, so an interrupted run keeps everything scored so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from aeflow.data import Sample, scan_inputs
+from aeflow.data.readers import split_source
+from aeflow.errors import BadFileError, ConfigError
+from aeflow.serving.runtime import LoadedRun, render_overlay
+
+PREDICTIONS_FILE = "predictions.csv"
+SKIPPED_FILE = "skipped.csv"
+COLUMNS = ("path", "slice", "pred_score", "pred_label", "threshold", "threshold_rule", "overlay")
+# Files decoded ahead of the model, per batch: enough to keep the model busy, bounded in memory.
+_DECODE_AHEAD_BATCHES = 4
+
+
+def predict_paths(
+    run_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    skip_bad: bool = True,
+    overlays: bool = True,
+    axis: int = 2,
+    slice_range: tuple[int, int] | None = None,
+    progress: bool = True,
+    run: LoadedRun | None = None,
+) -> Path:
+    """Score every 2-D image in `inputs` with the run in `run_dir`; returns the path of predictions.csv.
+
+    inputs: image files (PNG/JPEG/TIFF 8/16-bit, DICOM, NIfTI), folders (searched recursively for readable
+        files, so a folder of .dcm slices scores each slice), or sources naming one image ('scan.nii.gz#axis=2,
+        slice=40', 'cine.dcm#frame=3'). Multi-frame DICOMs give one row per frame, NIfTI volumes one per slice
+        along `axis` (only slices in [start, stop) with `slice_range`).
+    skip_bad: list unreadable files in skipped.csv and go on; False stops at the first one (BadFileError),
+        keeping the rows written before it.
+    run: an already loaded run (saves loading it again); `run_dir` is then ignored.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if not inputs:
+        raise ConfigError("nothing to predict: give at least one file or folder")
+    run = run or LoadedRun(run_dir)
+    out_dir = Path(out_dir)
+    overlay_dir = out_dir / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    records, skipped_at_scan = scan_inputs(inputs, axis=axis, slice_range=slice_range, skip_bad=skip_bad)
+    sources = [r.source for r in records]
+    dataset = run.dataset(sources)
+    threshold = run.threshold
+
+    with open(out_dir / PREDICTIONS_FILE, "w", newline="") as pred_file, \
+            open(out_dir / SKIPPED_FILE, "w", newline="") as skip_file, _progress(progress) as bar:
+        predictions, skipped = csv.writer(pred_file), csv.writer(skip_file)
+        predictions.writerow(COLUMNS)
+        skipped.writerow(("path", "reason"))
+        skipped.writerows(skipped_at_scan)
+        skip_file.flush()
+        task = bar.add_task("scoring", total=len(sources))
+        for batch in _decoded_batches(dataset, batch_size):
+            good = [(i, item) for i, item in batch if isinstance(item, Sample)]
+            results = run.score_samples([s for _, s in good]) if good else []
+            for (i, sample), result in zip(good, results):
+                path, fragment = split_source(sample.path)
+                overlay = ""
+                if overlays:
+                    name = overlay_dir / f"{i:06d}_{_safe_name(Path(path).name, fragment)}.png"
+                    render_overlay(sample.image.numpy(), result.anomaly_map, result.pred_score, result.pred_label,
+                                   threshold.value).save(name)
+                    overlay = str(name.relative_to(out_dir))
+                slice_ = ",".join(f"{k}={v}" for k, v in fragment.items())
+                predictions.writerow((path, slice_, f"{result.pred_score:.8g}", result.pred_label,
+                                      f"{threshold.value:.8g}", threshold.rule, overlay))
+            pred_file.flush()
+            for _, item in batch:
+                if isinstance(item, BadFileError):
+                    if not skip_bad:
+                        raise item
+                    skipped.writerow((item.path, item.reason))
+            skip_file.flush()
+            bar.advance(task, len(batch))
+    return out_dir / PREDICTIONS_FILE
+
+
+def _decoded_batches(dataset, batch_size: int) -> Iterator[list[tuple[int, Sample | BadFileError]]]:
+    """Batches of (index, Sample or its BadFileError), decoded by two threads while the model scores."""
+
+    def decode(i: int) -> Sample | BadFileError:
+        try:
+            return dataset[i]
+        except BadFileError as error:
+            return error
+
+    indices = iter(range(len(dataset)))
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        while True:
+            while len(pending) < batch_size * _DECODE_AHEAD_BATCHES and (i := next(indices, None)) is not None:
+                pending.append((i, pool.submit(decode, i)))
+            if not pending:
+                return
+            yield [(i, future.result()) for i, future in (pending.popleft() for _ in range(min(batch_size, len(pending))))]
+
+
+def _safe_name(file_name: str, fragment: dict[str, str]) -> str:
+    """A file-system-safe overlay name from the image's file name and slice/frame."""
+    stem = re.sub(r"(\.nii\.gz|\.[A-Za-z0-9]+)$", "", file_name)
+    suffix = "".join(f"_{k}{v}" for k, v in fragment.items())
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem + suffix)[:120]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)

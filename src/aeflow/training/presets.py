@@ -1,0 +1,74 @@
+"""Named training set-ups, all in one place: a preset is a partial `TrainConfig` (see `aeflow.training.run`).
+
+- `paper`: AE-FLOW exactly as the guide (section 2) reads the paper: Wide-ResNet-50-2 encoder (frozen: the
+  paper does not say; frozen is the cheaper reading), 8 flow steps with the "resnet" coupling network,
+  alpha 0.5, beta 0.9 with the paper's raw score blend, Adam lr 2e-3, weight decay 1e-5, 100 epochs, 256 px.
+- `paper_chest_xray`: the paper's chest X-ray variant: "conv" coupling network (FastFlow style), lr 1e-3.
+- `chest_xray`: the chest X-ray variant with aeflow's defaults where measurements argued for a change:
+  z-scored score blend calibrated on normal validation images (the guide measured the raw blend below the
+  flow score alone on PneumoniaMNIST) and early stopping on the validation loss of normal images.
+- `quick`: minutes on a laptop CPU (the demo): EfficientNet-Lite0, whose real ImageNet weights ship in a pip
+  package, at 128 px, 10 epochs.
+"""
+
+from __future__ import annotations
+
+from aeflow.errors import ConfigError
+
+_PAPER_MODEL = {
+    "backbone": "wide_resnet50_2",
+    "freeze_encoder": True,
+    "flow_steps": 8,
+    "subnet": "resnet",
+    "alpha": 0.5,
+    "beta": 0.9,
+    "score_mode": "paper",
+}
+
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "model": "aeflow",
+        "model_kwargs": _PAPER_MODEL,
+        "lr": 2e-3,
+        "weight_decay": 1e-5,
+        "max_epochs": 100,
+        "patience": None,
+        "image_size": 256,
+    },
+    "paper_chest_xray": {
+        "model": "aeflow",
+        "model_kwargs": {**_PAPER_MODEL, "subnet": "conv"},
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "max_epochs": 100,
+        "patience": None,
+        "image_size": 256,
+    },
+    "chest_xray": {
+        "model": "aeflow",
+        "model_kwargs": {**_PAPER_MODEL, "subnet": "conv", "score_mode": "standardized"},
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "max_epochs": 100,
+        "patience": 10,
+        "image_size": 256,
+    },
+    "quick": {
+        "model": "aeflow",
+        "model_kwargs": {**_PAPER_MODEL, "backbone": "efficientnet_lite0", "subnet": "conv",
+                         "score_mode": "standardized"},
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "max_epochs": 10,
+        "patience": None,
+        "image_size": 128,
+    },
+}
+
+
+def preset(name: str) -> dict:
+    """A copy of preset `name` (a dict of TrainConfig fields) to update and pass to `TrainConfig`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    chosen = PRESETS[name]
+    return {**chosen, "model_kwargs": dict(chosen["model_kwargs"]), "preset": name}

@@ -1,0 +1,338 @@
+"""Train a model into a run folder, resume it after a crash, and load it back.
+
+A run folder holds everything needed to use and to repeat the run:
+
+    config.json            the full TrainConfig, the model's constructor arguments, seed, library versions
+    splits.json            the file list of every split with checksums (aeflow.data.save_splits)
+    checkpoints/last.safetensors, checkpoints/best.safetensors
+                           lightning checkpoints in aeflow's safe format (aeflow.training.checkpoint), written
+                           atomically at the end of every epoch; best = lowest validation loss on normals
+    model.safetensors      the best weights plus the score calibration, what `load_run` reads
+    curves/metrics.csv     training curves (lightning's CSVLogger)
+    train.log              what happened, in words
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+import aeflow
+from aeflow.data.records import save_splits
+from aeflow.data.sample import collate
+from aeflow.errors import CheckpointError, ConfigError
+from aeflow.models.base import AnomalyModel, create_model
+from aeflow.training.checkpoint import SafeCheckpointIO, load_checkpoint, model_state, save_checkpoint
+from aeflow.training.module import AnomalyModule
+from aeflow.training.presets import preset
+
+log = logging.getLogger("aeflow.training")
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+# Settings a resumed run may change: they say how to run, not what is trained.
+RESUMABLE_CHANGES = {"max_epochs", "patience", "progress_bar", "num_workers", "accelerator", "devices"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs; JSON-serialisable, stored in the run folder's config.json.
+
+    model / model_kwargs: registry name and constructor arguments (see aeflow.models). `in_channels` is
+        filled in from `channels` when the model takes it and model_kwargs does not say.
+    data: arguments of aeflow.data.load_data besides image_size, channels and seed, e.g.
+        {"layout": "synthetic", "root": None}.
+    patience: epochs without a lower validation loss before stopping early; None trains max_epochs.
+    precision: lightning's precision string, "32-true" or "bf16-mixed".
+    preset: name of the preset (aeflow.training.presets) the other fields started from, if any.
+    """
+
+    model: str = "aeflow"
+    model_kwargs: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    image_size: int = 256
+    channels: int = 1
+    seed: int = 0
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    max_epochs: int = 100
+    patience: int | None = None
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_workers: int = 0
+    progress_bar: bool = True
+    preset: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a dict; with "preset", the preset's values come first and the dict overrides them
+        (model_kwargs are merged key by key)."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        merged = preset(values["preset"]) if values.get("preset") else {}
+        merged.update({k: v for k, v in values.items() if k != "model_kwargs"})
+        merged["model_kwargs"] = {**merged.get("model_kwargs", {}), **values.get("model_kwargs", {})}
+        config = cls(**merged)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.image_size % 16 or not 16 <= self.image_size <= 4096:
+            raise ConfigError(f"image_size must be a multiple of 16, got {self.image_size}")
+        if self.precision not in ("32-true", "bf16-mixed", "16-mixed"):
+            raise ConfigError(f"precision must be '32-true', 'bf16-mixed' or '16-mixed', got {self.precision!r}")
+        for name in ("batch_size", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1 or None, got {self.patience}")
+
+
+def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume: bool = False) -> Path:
+    """Train `config` into `run_dir` and return it.
+
+    data: a DataSplits (`.train`, `.val`, `.test` datasets of Samples); by default loaded with
+        aeflow.data.load_data from config.data.
+    resume: continue the run in `run_dir` from checkpoints/last.safetensors (after a crash or a kill), with
+        the stored config; only RESUMABLE_CHANGES may differ in `config`. Without resume, a folder that
+        already holds a run is refused rather than overwritten.
+    """
+    run_dir = Path(run_dir)
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    config.validate()
+    last_checkpoint = run_dir / "checkpoints" / "last.safetensors"
+    if resume:
+        config = _resumed_config(run_dir, config)
+    elif (run_dir / CONFIG_FILE).exists() or last_checkpoint.exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass resume=True to continue it, or choose a new folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    with _log_to(run_dir / "train.log"):
+        L.seed_everything(config.seed, workers=True, verbose=False)
+        if data is None:
+            from aeflow.data import load_data
+
+            data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed, **config.data)
+        model = _build_model(config)
+        train_set, val_set, calibration_set, holdout, val_has_anomalies = _split_for_training(data, config.seed)
+        if not resume:
+            _write_config(run_dir, config, model, holdout)
+            if hasattr(data, "records"):
+                save_splits(data, run_dir)
+            else:
+                log.warning("the data carries no split records: no splits.json is written")
+
+        def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
+            return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, collate_fn=collate,
+                              num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+
+        train_loader = loader(train_set, shuffle=True)
+        if model.trained_by_gradient:
+            ckpt_path = last_checkpoint if resume and last_checkpoint.exists() else None
+            if ckpt_path is not None:
+                state = load_checkpoint(ckpt_path)
+                log.info("resuming from %s: epoch %d done, global step %d", ckpt_path, state["epoch"] + 1,
+                         state["global_step"])
+            elif resume:
+                log.info("resume asked but no checkpoint was written yet: training from the start")
+            module = AnomalyModule(model, config.lr, config.weight_decay, val_has_anomalies=val_has_anomalies)
+            trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader))
+            trainer.fit(module, train_loader, loader(val_set, shuffle=False), ckpt_path=ckpt_path)
+            log.info("training stopped after epoch %d, global step %d", trainer.current_epoch, trainer.global_step)
+            best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last_checkpoint
+            model.load_state_dict(model_state(load_checkpoint(best)))
+            log.info("kept the weights of %s (validation loss %s)", best.name, checkpoints.best_model_score)
+        else:
+            model.fit(train_loader)
+        if hasattr(model, "calibrate"):
+            model.calibrate(loader(calibration_set, shuffle=False))
+            log.info("calibrated the scores on %d normal images (%s)", len(calibration_set),
+                     "held-out training images" if holdout else "validation split")
+        save_checkpoint({"model": model.name, "config": model.config(), "state_dict": model.state_dict()},
+                        run_dir / MODEL_FILE)
+        log.info("wrote %s", run_dir / MODEL_FILE)
+    return run_dir
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[AnomalyModel, dict]:
+    """The trained model of a run (in eval mode) and its config.json, rebuilt without unpickling anything.
+
+    Reads model.safetensors (best weights and calibration); for a run that never finished, the best or last
+    checkpoint instead (then uncalibrated). Pretrained-weight files are not needed: the run holds every
+    weight, so the model is built with pretrained=False and then filled from the run.
+    """
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot read the run's config ({exc})") from exc
+    candidates = [run_dir / MODEL_FILE, run_dir / "checkpoints" / "best.safetensors",
+                  run_dir / "checkpoints" / "last.safetensors"]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{run_dir}: no weights ({', '.join(p.name for p in candidates)} all missing)")
+    checkpoint = load_checkpoint(found)
+    state = checkpoint["state_dict"] if found.name == MODEL_FILE else model_state(checkpoint)
+    kwargs = dict(config["model_config"])
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = False
+    if "weights" in kwargs:
+        kwargs["weights"] = None
+    model = create_model(config["train"]["model"], **kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{found}: weights do not fit the model in {CONFIG_FILE}: {exc}") from exc
+    if found.name != MODEL_FILE:
+        log.warning("%s has no model.safetensors (unfinished run?): loaded %s", run_dir, found.name)
+    return model.to(device).eval(), config
+
+
+def _build_model(config: TrainConfig) -> AnomalyModel:
+    model = create_model(config.model, **config.model_kwargs)
+    if model.config().get("in_channels", config.channels) != config.channels and "in_channels" not in config.model_kwargs:
+        # The model's default channel count differs from the data's: rebuild it for the data.
+        model = create_model(config.model, **config.model_kwargs, in_channels=config.channels)
+    return model
+
+
+def _split_for_training(data, seed: int) -> tuple[Dataset, Dataset, Dataset, list[str], bool]:
+    """(train, validation, calibration set, paths held out of training, whether validation has anomalies).
+
+    Calibration (and the validation loss) use the normal validation images. A validation split without
+    normals gets a held-out 10% (at least 2) of the training images instead, drawn with the run's seed; their
+    paths go into config.json so the run can be repeated.
+    """
+    val_labels = [data.val[i].label for i in range(len(data.val))]
+    val_normals = [i for i, label in enumerate(val_labels) if label == 0]
+    has_anomalies = 1 in val_labels
+    if val_normals:
+        return data.train, data.val, Subset(data.val, val_normals), [], has_anomalies
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held = max(2, len(order) // 10)
+    held = Subset(data.train, order[:n_held])
+    log.info("the validation split has no normal images: holding out %d training images for validation "
+             "and calibration", n_held)
+    return (Subset(data.train, order[n_held:]), ConcatDataset([held, data.val]), held,
+            [data.train[i].path for i in order[:n_held]], has_anomalies)
+
+
+def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> tuple[L.Trainer, ModelCheckpoint]:
+    checkpoints = _SafeModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_top_k=1,
+        save_last=True, every_n_epochs=1, enable_version_counter=False,
+    )
+    callbacks: list[L.Callback] = [checkpoints, _EpochLog()]
+    if config.patience is not None:
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=config.patience))
+    if config.progress_bar:
+        callbacks.append(RichProgressBar())
+    trainer = L.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        precision=config.precision,
+        logger=CSVLogger(run_dir, name="", version="curves"),
+        callbacks=callbacks,
+        plugins=[SafeCheckpointIO()],
+        enable_progress_bar=config.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        default_root_dir=run_dir,
+    )
+    return trainer, checkpoints
+
+
+class _SafeModelCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint callback; the files are safetensors (written by SafeCheckpointIO)."""
+
+    FILE_EXTENSION = ".safetensors"
+
+
+class _EpochLog(L.Callback):
+    """One line per epoch in train.log, with the epoch's metrics."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith(("loss", "epoch"))
+                   or "AUROC" in k}
+        log.info("epoch %d (global step %d): %s", trainer.current_epoch, trainer.global_step,
+                 ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
+
+
+def _resumed_config(run_dir: Path, config: TrainConfig) -> TrainConfig:
+    try:
+        stored = json.loads((run_dir / CONFIG_FILE).read_text())["train"]
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} holds no run to resume (no {CONFIG_FILE})") from None
+    changed = {k for k, v in dataclasses.asdict(config).items() if stored.get(k) != _jsonable(v)}
+    if changed - RESUMABLE_CHANGES:
+        raise ConfigError(f"cannot resume {run_dir} with a different {', '.join(sorted(changed - RESUMABLE_CHANGES))}"
+                          f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+    return config
+
+
+def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdout: list[str]) -> None:
+    import FrEIA
+    import numpy
+
+    document: dict[str, Any] = {
+        "train": dataclasses.asdict(config),
+        "model_config": model.config(),
+        "calibration_holdout": holdout,
+        "versions": {
+            "aeflow": aeflow.__version__,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "FrEIA": getattr(FrEIA, "__version__", "unknown"),
+            "numpy": numpy.__version__,
+            "platform": platform.platform(),
+        },
+    }
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(document, indent=2, default=str))
+    os.replace(tmp, run_dir / CONFIG_FILE)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class _log_to:
+    """Copy aeflow's and lightning's log records into `path` while training runs."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.loggers = [logging.getLogger("aeflow"), logging.getLogger("lightning.pytorch")]
+        self.levels = [logger.level for logger in self.loggers]
+
+    def __enter__(self) -> None:
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+
+    def __exit__(self, *exc_info) -> None:
+        if exc_info[0] is not None:
+            log.error("training failed", exc_info=exc_info)
+        for logger, level in zip(self.loggers, self.levels):
+            logger.removeHandler(self.handler)
+            logger.setLevel(level)
+        self.handler.close()

@@ -1,0 +1,56 @@
+"""A tiny but real run folder, built the way training saves one, shared by the serving tests.
+
+The model is a small AE-FLOW (random-init EfficientNet-Lite0 trunk, 2 flow steps, narrow decoder) at 64 px. It is
+not trained: these tests check the plumbing (reading, scoring, exporting, serving), for which any fixed weights
+do, and building it takes about a second instead of a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import aeflow.models.aeflow  # noqa: F401  (registers "aeflow")
+from aeflow.data.synthetic import make_phantom
+from aeflow.evaluation import ConformalFPR
+from aeflow.models import create_model
+from aeflow.training import TrainConfig, save_checkpoint
+from aeflow.training.run import CONFIG_FILE, MODEL_FILE
+
+IMAGE_SIZE = 64
+MODEL_KWARGS = {"backbone": "efficientnet_lite0", "pretrained": False, "flow_steps": 2, "subnet": "conv",
+                "decoder_widths": [32, 16, 8], "in_channels": 1}
+
+
+def phantoms(n: int, *, seed: int = 0, anomaly: str = "good", size: int = IMAGE_SIZE) -> torch.Tensor:
+    """n synthetic brain-slice phantoms, n x 1 x size x size in [0, 1]."""
+    return torch.from_numpy(np.stack([make_phantom(seed, i, size=size, anomaly=anomaly)[0] for i in range(n)]))[:, None]
+
+
+def build_run(run_dir, *, threshold: bool = True):
+    """Write config.json, model.safetensors (and threshold.json) into run_dir, as training and `aeflow test` do."""
+    torch.manual_seed(0)
+    model = create_model("aeflow", **MODEL_KWARGS)
+    model.calibrate([phantoms(8, seed=1)])
+    model.eval()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": model.name, "config": model.config(), "state_dict": model.state_dict()},
+                    run_dir / MODEL_FILE)
+    config = TrainConfig(model="aeflow", model_kwargs=MODEL_KWARGS, data={"layout": "synthetic"},
+                         image_size=IMAGE_SIZE, channels=1)
+    (run_dir / CONFIG_FILE).write_text(json.dumps({"train": dataclasses.asdict(config),
+                                                   "model_config": model.config()}))
+    if threshold:
+        scores = model.predict(phantoms(24, seed=2))["pred_score"].numpy()
+        fitted = ConformalFPR(alpha=0.1).fit(scores)
+        (run_dir / "threshold.json").write_text(json.dumps(fitted.to_dict()))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    return build_run(tmp_path_factory.mktemp("run") / "tiny")
