@@ -65,14 +65,13 @@ def data_describe(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Print counts per split and class, image sizes, intensity ranges and skipped files."""
-    from aeflow.data import describe, load_data
+    from aeflow.data import describe, load_data, summarize
 
     try:
-        splits = load_data(data, root, skip_bad=skip_bad, **parse_options(option))
-        summary = describe(splits)
+        splits = load_data(data, root, image_size=None, skip_bad=skip_bad, **parse_options(option))
     except AeflowError as err:
         _fail(err)
-    typer.echo(json.dumps(summary.as_dict(), indent=2) if as_json else str(summary))
+    typer.echo(json.dumps(summarize(splits), indent=2, default=str) if as_json else describe(splits))
 
 
 def main() -> None:  # pragma: no cover - console entry

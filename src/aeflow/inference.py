@@ -22,7 +22,8 @@ class Predictions:
     anomaly_types: list[str]
     components: dict[str, np.ndarray] = field(default_factory=dict)  # score_<name> -> N
     anomaly_map: np.ndarray | None = None  # N x H x W (float32), kept only when asked
-    masks: np.ndarray | None = None  # N x H x W (uint8) where every sample has a mask, else None
+    masks: np.ndarray | None = None  # N x H x W (uint8); all zeros where has_mask is False
+    has_mask: np.ndarray | None = None  # N, bool: pixel ground truth known for this image
     images: np.ndarray | None = None  # N x C x H x W (float32), kept only when asked
     reconstruction: np.ndarray | None = None  # N x C x H x W where the model reconstructs
 
@@ -66,7 +67,7 @@ def predict_dataset(
                 recons.append(out["reconstruction"].float().cpu())
     if not scores:
         return Predictions(np.zeros(0, np.float32), np.zeros(0, np.int64), [], [])
-    all_have_masks = bool(torch.cat(has_mask).all())
+    known = torch.cat(has_mask)
     return Predictions(
         pred_score=torch.cat(scores).numpy(),
         labels=torch.cat(labels).numpy(),
@@ -74,7 +75,8 @@ def predict_dataset(
         anomaly_types=types,
         components={k: torch.cat(v).numpy() for k, v in components.items()},
         anomaly_map=torch.cat(maps).numpy() if keep_maps else None,
-        masks=torch.cat(masks).numpy() if all_have_masks else None,
+        masks=torch.cat(masks).numpy() if bool(known.any()) else None,
+        has_mask=known.numpy() if bool(known.any()) else None,
         images=torch.cat(images).numpy() if keep_images else None,
         reconstruction=torch.cat(recons).numpy() if recons else None,
     )

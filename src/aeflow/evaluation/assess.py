@@ -1,0 +1,142 @@
+"""`aeflow test`: score a trained run's validation and test splits, fix the threshold on validation data,
+and write threshold.json, metrics.json, metrics.csv and report.html into the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aeflow.data import DataSplits, load_splits
+from aeflow.evaluation.metrics import evaluate, write_metrics
+from aeflow.evaluation.report import GalleryItem, collect_versions, pick_gallery, write_report
+from aeflow.evaluation.thresholds import Threshold, make_rule
+from aeflow.inference import Predictions, predict_dataset
+from aeflow.training import load_run
+
+log = logging.getLogger("aeflow.evaluation")
+
+THRESHOLD_FILE = "threshold.json"
+
+
+def default_rule(val_labels: np.ndarray) -> tuple[str, dict]:
+    """F1-optimal where validation has both classes; otherwise a conformal 5% false-positive rate on normals."""
+    if (val_labels == 0).any() and (val_labels == 1).any():
+        return "f1_optimal", {}
+    return "conformal_fpr", {"alpha": 0.05}
+
+
+def fit_threshold(val: Predictions, rule: str | None = None, params: dict | None = None) -> Threshold:
+    """The decision threshold, from validation scores only (the test split is never passed here)."""
+    if rule is None:
+        rule, params = default_rule(val.labels)
+    labelled = bool(len(val.labels)) and bool((val.labels >= 0).all())
+    return make_rule(rule, **(params or {})).fit(val.pred_score, val.labels if labelled else None)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    rule: str | None = None,
+    rule_params: dict | None = None,
+    root: str | Path | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    gallery_per_section: int = 4,
+) -> dict:
+    """Evaluate the run in `run_dir` on its own saved splits; returns the metrics dict it wrote."""
+    run_dir = Path(run_dir)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    started = time.perf_counter()
+    model, config = load_run(run_dir, device=device)
+    train_config = config["train"]
+    data_options = train_config.get("data", {})
+    records = load_splits(run_dir, root=root)
+    splits = DataSplits.from_records(
+        records,
+        image_size=train_config["image_size"],
+        channels=train_config["channels"],
+        intensity=data_options.get("intensity", "auto"),
+        validate=False,
+    )
+    loaded = time.perf_counter()
+
+    val = predict_dataset(model, splits.val, batch_size=batch_size, device=device, keep_maps=False)
+    threshold = fit_threshold(val, rule, rule_params)
+    (run_dir / THRESHOLD_FILE).write_text(json.dumps(threshold.to_dict(), indent=2))
+    scored_val = time.perf_counter()
+
+    test = predict_dataset(model, splits.test, batch_size=batch_size, device=device, keep_maps=True,
+                           keep_images=True)
+    scored_test = time.perf_counter()
+    metrics = evaluate(
+        test.pred_score, test.labels, threshold,
+        anomaly_types=test.anomaly_types,
+        component_scores=test.components,
+        anomaly_maps=test.anomaly_map if test.masks is not None else None,
+        masks=test.masks,
+        has_mask=test.has_mask,
+    )
+    metrics["model"] = train_config["model"]
+    metrics["backbone"] = config["model_config"].get("backbone", "")
+    metrics["seed"] = train_config["seed"]
+    write_metrics(metrics, run_dir)
+
+    picked = pick_gallery(test.pred_score, test.labels, threshold, per_section=gallery_per_section)
+    gallery = [_gallery_item(test, i) for i in sorted({i for ids in picked.values() for i in ids})]
+    timings = {
+        "load model and data (s)": loaded - started,
+        f"score {len(val)} validation images (s)": scored_val - loaded,
+        f"score {len(test)} test images (s)": scored_test - scored_val,
+        "test images per second": len(test) / max(scored_test - scored_val, 1e-9),
+    }
+    report = write_report(
+        run_dir,
+        title=f"aeflow test: {run_dir.name}",
+        test_scores=test.pred_score,
+        test_labels=test.labels,
+        threshold=threshold,
+        metrics=metrics,
+        test_component_scores=test.components,
+        val_scores=val.pred_score,
+        val_labels=val.labels if (val.labels >= 0).all() else None,
+        gallery=gallery,
+        per_section=gallery_per_section,
+        config=config,
+        data_summary=_data_summary(records, val, test),
+        versions=collect_versions(),
+        timings=timings,
+    )
+    metrics["report"] = str(report)
+    log.info("wrote %s", report)
+    return metrics
+
+
+def _gallery_item(test: Predictions, i: int) -> GalleryItem:
+    has_mask = test.has_mask is not None and bool(test.has_mask[i])
+    return GalleryItem(
+        image=test.images[i],
+        score=float(test.pred_score[i]),
+        label=int(test.labels[i]),
+        path=test.paths[i],
+        reconstruction=None if test.reconstruction is None else test.reconstruction[i],
+        anomaly_map=None if test.anomaly_map is None else test.anomaly_map[i],
+        mask=test.masks[i] if has_mask else None,
+    )
+
+
+def _data_summary(records, val: Predictions, test: Predictions) -> dict:
+    def counts(labels: np.ndarray) -> str:
+        return f"{int((labels == 0).sum())} normal / {int((labels == 1).sum())} anomalous"
+
+    return {
+        "layout": records.layout,
+        "root": records.root or "(generated)",
+        "train": f"{len(records.train)} normal",
+        "val": counts(val.labels),
+        "test": counts(test.labels),
+    }
