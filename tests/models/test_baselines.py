@@ -15,9 +15,25 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from aeflow.data import Batch, collate, load_data
+from aeflow.errors import AeflowError, ConfigError, DataError
+from aeflow.models import ae, cevae, draem, fastflow, padim, patchcore, vae  # noqa: F401 - registers them
 from aeflow.models import create_model
+from aeflow.models.cevae import CeVAE
+from aeflow.models.draem import DRAEM, simulate_anomalies
+from aeflow.models.padim import PaDiM, gaussian_precisions
+from aeflow.models.patchcore import greedy_coreset, nearest_neighbours
+from aeflow.nn.blocks import FeatureStages
 
 N_TEST = 20  # per class
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """pytest-xdist runs two workers on two cores: more torch threads per worker only contend for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,3 +77,170 @@ def train(model, images: torch.Tensor, *, steps: int, lr: float, batch_size: int
         optimizer.step()
     model.eval()
     return model
+
+
+def auroc(labels: torch.Tensor, scores: torch.Tensor) -> float:
+    return float(roc_auc_score(labels.numpy(), scores.numpy()))
+
+
+slow = pytest.mark.slow
+# (name, constructor kwargs, image size, Adam steps, learning rate). Backbone methods use EfficientNet-Lite0, whose
+# real ImageNet weights ship in a pip package (offline); sizes are the smallest at which each method's feature
+# stride still resolves the lesions. Steps: the fewest that clear the bound with a margin on this machine.
+METHODS = [
+    pytest.param("ae", dict(widths=(16, 32, 64), latent_channels=4), 32, 150, 1e-2, id="ae"),
+    pytest.param("vae", dict(widths=(16, 32, 64), latent_channels=8), 32, 300, 5e-3, id="vae"),
+    pytest.param("cevae", dict(widths=(16, 32, 64), latent_channels=8), 32, 300, 5e-3, id="cevae", marks=slow),
+    pytest.param("padim", dict(backbone="efficientnet_lite0", n_features=100), 64, 0, 0.0, id="padim"),
+    pytest.param("patchcore", dict(backbone="efficientnet_lite0", coreset_ratio=0.1), 128, 0, 0.0, id="patchcore"),
+    pytest.param("fastflow", dict(backbone="efficientnet_lite0", flow_steps=4), 64, 150, 2e-3, id="fastflow",
+                 marks=slow),
+    pytest.param("draem", dict(base_width=16, score_window=5), 32, 400, 2e-3, id="draem", marks=slow),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size", "steps", "lr"), METHODS)
+def test_method_separates_synthetic_lesions(name, kwargs, size, steps, lr):
+    data = phantom_split(size)
+    model = train(create_model(name, **kwargs), data["train"], steps=steps, lr=lr)
+    out = model.predict(data["test"])
+
+    n = len(data["test"])
+    assert out["pred_score"].shape == (n,)
+    assert out["anomaly_map"].shape == (n, size, size)
+    for key, value in out.items():
+        assert torch.isfinite(value).all(), key
+        if key.startswith("score_"):
+            assert value.shape == (n,), key
+    image_auroc = auroc(data["label"], out["pred_score"])
+    lesion = data["label"] == 1
+    pixel_auroc = auroc(data["mask"][lesion].flatten(), out["anomaly_map"][lesion].flatten())
+    print(f"{name}: image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
+    assert image_auroc >= 0.7, f"{name} image AUROC {image_auroc:.3f}"
+    # ~16k lesion-image pixels: chance-level pixel AUROC has a tiny spread, so 0.75 is far from it.
+    assert pixel_auroc >= 0.75, f"{name} pixel AUROC {pixel_auroc:.3f}"
+
+    # The registry rebuilds the model from its config; the state dict (memory banks included) restores it exactly.
+    rebuilt = create_model(name, **model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    again = rebuilt.predict(data["test"][:4])
+    torch.testing.assert_close(again["pred_score"], out["pred_score"][:4], rtol=1e-4, atol=1e-5)
+
+
+def test_padim_inverse_covariances_are_inverses():
+    """The Cholesky route gives precision @ covariance = I, where batched LU inversion can silently fail (guide 9)."""
+    g = torch.Generator().manual_seed(0)
+    positions, count, dim = 6, 40, 50  # fewer samples than twice the dimension: only epsilon keeps it well posed
+    x = torch.randn(positions, count, dim, generator=g, dtype=torch.float64) @ torch.randn(dim, dim, generator=g,
+                                                                                           dtype=torch.float64)
+    mean, precision = gaussian_precisions(x.sum(1), x.transpose(1, 2) @ x, count, epsilon=0.01)
+    centred = x - x.mean(1, keepdim=True)
+    covariance = centred.transpose(1, 2) @ centred / (count - 1) + 0.01 * torch.eye(dim, dtype=torch.float64)
+    torch.testing.assert_close(mean, x.mean(1))
+    identity = torch.eye(dim, dtype=torch.float64).expand(positions, dim, dim)
+    torch.testing.assert_close(precision @ covariance, identity, atol=1e-6, rtol=0)
+
+
+def test_greedy_coreset_covers_the_bank_better_than_random():
+    """k-center greedy: the largest distance from any point to its nearest coreset point beats a random subset."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.cat([torch.randn(500, 16, generator=g), torch.randn(20, 16, generator=g) + 8])  # a rare cluster
+    chosen = greedy_coreset(features, 30, projection_dim=None, generator=g)
+    random = torch.randperm(len(features), generator=g)[:30]
+    assert len(set(chosen.tolist())) == 30
+    covering_radius = lambda index: torch.cdist(features, features[index]).amin(1).max()  # noqa: E731
+    assert covering_radius(chosen) < covering_radius(random)
+    assert (chosen >= 500).any(), "the rare cluster must be represented"
+
+
+def test_nearest_neighbours_in_chunks_matches_full_cdist(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(50, 8, generator=g), torch.randn(70, 8, generator=g)
+    monkeypatch.setattr("aeflow.models.patchcore.CDIST_CHUNK_ELEMENTS", 70 * 7)  # 8 chunks of 7 queries
+    distances, indices = nearest_neighbours(queries, bank, k=3)
+    full = torch.cdist(queries, bank).topk(3, dim=1, largest=False)
+    torch.testing.assert_close(distances, full.values)
+    assert torch.equal(indices, full.indices)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", ["ae", "vae", "cevae", "draem"])
+def test_reconstruction_models_take_any_channel_count_and_size(name, channels):
+    model = create_model(name, in_channels=channels, **({"base_width": 8} if name == "draem" else {"widths": (8, 16)}))
+    for size in (32, 48):
+        images = torch.rand(2, channels, size, size)
+        losses = model.train().loss(as_batch(images))
+        assert torch.isfinite(losses["loss"])
+        out = model.eval().predict(images)
+        assert out["pred_score"].shape == (2,) and out["anomaly_map"].shape == (2, size, size)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", ["padim", "patchcore", "fastflow"])
+def test_backbone_models_take_grayscale_and_colour(name, channels):
+    model = create_model(name, backbone="resnet18", pretrained=False).eval()
+    images = torch.rand(4, channels, 32, 32)
+    if model.trained_by_gradient:
+        assert torch.isfinite(model.train().loss(as_batch(images))["loss"])
+        model.eval()
+    else:
+        model.fit([as_batch(images)])
+    out = model.predict(images)
+    assert out["pred_score"].shape == (4,) and out["anomaly_map"].shape == (4, 32, 32)
+    assert torch.isfinite(out["anomaly_map"]).all()
+
+
+def test_feature_stages_have_strides_4_8_16():
+    for backbone in ("resnet18", "efficientnet_lite0"):
+        stages = FeatureStages(backbone, pretrained=False)(torch.rand(1, 1, 64, 64))
+        assert [f.shape[-1] for f in stages] == [16, 8, 4], backbone
+
+
+def test_memory_bank_models_refuse_to_score_before_fitting_and_at_another_size():
+    model = PaDiM(backbone="resnet18", pretrained=False, n_features=20).eval()
+    with pytest.raises(AeflowError, match="not been fitted"):
+        model.predict(torch.rand(1, 1, 32, 32))
+    model.fit([as_batch(torch.rand(4, 1, 32, 32))])
+    with pytest.raises(DataError, match="training size"):
+        model.predict(torch.rand(1, 1, 64, 64))
+
+
+def test_cevae_scores_inside_inference_mode():
+    """Lightning's test loop runs under torch.inference_mode; ceVAE's KL gradient must still be computed there."""
+    model = CeVAE(widths=(8, 16)).eval()
+    images = torch.rand(2, 1, 32, 32)
+    expected = model.predict(images)["anomaly_map"]
+    with torch.inference_mode():
+        got = model.predict(images)["anomaly_map"]
+    torch.testing.assert_close(got, expected)
+    assert expected.abs().sum() > 0
+
+
+def test_draem_simulated_anomalies_change_only_masked_pixels():
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 32, 32)
+    augmented, masks = simulate_anomalies(images, probability=1.0)
+    assert masks.sum() > 0 and set(masks.unique().tolist()) <= {0.0, 1.0}
+    unchanged = masks[:, None].expand_as(images) == 0
+    assert torch.equal(augmented[unchanged], images[unchanged])
+
+
+def test_draem_with_sspcab_trains_its_block():
+    # 64 px: a 4 x 4 bottleneck. At 32 px (2 x 2) each corner convolution would see only the zero padding.
+    model = DRAEM(base_width=8, sspcab=True)
+    losses = model.train().loss(as_batch(torch.rand(4, 1, 64, 64)))
+    assert losses["sspcab"] > 0
+    losses["loss"].backward()
+    assert model.reconstructive.sspcab.corners[0].weight.grad.abs().sum() > 0
+
+
+def test_invalid_options_are_refused_at_construction():
+    with pytest.raises(ConfigError, match="score"):
+        create_model("ae", score="max")
+    with pytest.raises(ConfigError, match="coreset_ratio"):
+        create_model("patchcore", backbone="resnet18", pretrained=False, coreset_ratio=0)
+    with pytest.raises(ConfigError, match="n_features"):
+        create_model("padim", backbone="resnet18", pretrained=False, n_features=10_000)
+    with pytest.raises(ConfigError, match="score_window"):
+        create_model("draem", score_window=4)

@@ -2,4 +2,7 @@
 
 from aeflow.models.base import AnomalyModel, available_models, create_model, register
 
+# Importing a model's module registers it.
+from aeflow.models import aeflow  # noqa: E402,F401  isort: skip
+
 __all__ = ["AnomalyModel", "available_models", "create_model", "register"]

@@ -37,9 +37,14 @@ def gaussian_precisions(total: torch.Tensor, outer: torch.Tensor, count: int, ep
     return mean, torch.cholesky_inverse(torch.linalg.cholesky(cov))
 
 
+# The paper's random channel subset size d per backbone.
+PAPER_N_FEATURES = {"wide_resnet50_2": 550, "resnet18": 100}
+
+
 @register("padim")
 class PaDiM(AnomalyModel):
-    """PaDiM with a frozen `backbone` (see aeflow.nn.backbones) and `n_features` random channels (None: all).
+    """PaDiM with a frozen `backbone` (see aeflow.nn.backbones) and `n_features` random channels (None: the
+    paper's d for the backbone, all channels for backbones the paper did not use).
 
     The paper's settings: Wide-ResNet-50-2 with d = 550 (ResNet-18: d = 100), epsilon = 0.01, Gaussian smoothing
     with sigma = 4 pixels. `seed` fixes the channel subset, which is stored with the model.
@@ -50,7 +55,7 @@ class PaDiM(AnomalyModel):
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
-        n_features: int | None = 550,
+        n_features: int | None = None,
         pretrained: bool = True,
         weights: str | None = None,
         epsilon: float = 0.01,
@@ -71,10 +76,11 @@ class PaDiM(AnomalyModel):
         )
         self.features = FeatureStages(backbone, pretrained=pretrained, weights=weights)
         total = sum(self.features.out_channels)
-        if n_features is not None and not 1 <= n_features <= total:
-            raise ConfigError(f"n_features must be in [1, {total}] for backbone {backbone!r} (or None: all)")
+        d = PAPER_N_FEATURES.get(backbone, total) if n_features is None else n_features
+        if not 1 <= d <= total:
+            raise ConfigError(f"n_features must be in [1, {total}] for backbone {backbone!r} (or None); got {d}")
         generator = torch.Generator().manual_seed(seed)
-        channels = torch.randperm(total, generator=generator)[:n_features].sort().values
+        channels = torch.randperm(total, generator=generator)[:d].sort().values
         self.register_buffer("channel_index", channels)
         self.register_buffer("mean", torch.empty(0))  # P x d, filled by fit()
         self.register_buffer("precision", torch.empty(0))  # P x d x d

@@ -71,8 +71,16 @@ def _subnet_constructor(kind: str, hidden_ratio: float):
 class FlowBottleneck(nn.Module):
     """z (B x C x h x w) -> z' of the same shape, and log|det dz'/dz| per sample (B,).
 
-    The fixed permutations are drawn from numpy's global generator (FrEIA's choice) when the flow is built;
-    they are stored in the state dict, so a flow rebuilt from its config and weights is the same flow.
+    Before the K steps, z is standardised per channel with the mean and std of the first training batch
+    (Glow's data-dependent ActNorm initialisation, kept fixed afterwards; its constant log-determinant is
+    included, so the likelihood stays that of z). Why: backbone features are far from unit scale
+    (EfficientNet-Lite0 at stride 16: channel means up to 15, stds 3.5-15), and AllInOneBlock's global
+    scaling, 0.1 * softplus, needs thousands of Adam steps to absorb that; until then the flow loss is
+    dominated by scale, not by the structure of normal images.
+
+    The fixed permutations are drawn from numpy's global generator (FrEIA's choice) when the flow is built.
+    Permutations and standardisation are in the state dict, so a flow rebuilt from its config and weights
+    is the same flow.
     """
 
     def __init__(
@@ -99,14 +107,27 @@ class FlowBottleneck(nn.Module):
                 global_affine_type="SOFTPLUS",
                 permute_soft=False,
             )
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_prime, log_det = self.inn(z)
-        return z_prime, log_det
+        if self.training and not self.initialized:
+            self._initialize(z)
+        z_prime, log_det = self.inn((z - self.feature_mean) / self.feature_std)
+        standardize_log_det = -z[0, 0].numel() * self.feature_std.log().sum()
+        return z_prime, log_det + standardize_log_det
 
     def inverse(self, z_prime: torch.Tensor) -> torch.Tensor:
         z, _ = self.inn(z_prime, rev=True)
-        return z
+        return z * self.feature_std + self.feature_mean
+
+    @torch.no_grad()
+    def _initialize(self, z: torch.Tensor) -> None:
+        per_channel = z.detach().float().transpose(0, 1).flatten(1)
+        self.feature_mean.copy_(per_channel.mean(1).view_as(self.feature_mean))
+        self.feature_std.copy_(per_channel.std(1).clamp_min(1e-3).view_as(self.feature_std))
+        self.initialized.fill_(True)
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

@@ -6,6 +6,9 @@ Writes into `out_dir`:
     overlays/*.png    the image in gray with its anomaly map in colour, score and verdict written on it
 
 Rows are appended and flushed after every batch, so an interrupted run keeps everything scored so far.
+A large archive can be split over several processes or machines with `shard=(i, n)`: shard i scores every n-th
+image (positions i, i + n, ...) and writes predictions.i-of-n.csv and skipped.i-of-n.csv into the same folder
+(overlay names carry the image's global position, so shards never collide).
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from aeflow.data.readers import split_source
 from aeflow.errors import BadFileError, ConfigError
 from aeflow.serving.runtime import LoadedRun, render_overlay
 
-PREDICTIONS_FILE = "predictions.csv"
-SKIPPED_FILE = "skipped.csv"
 COLUMNS = ("path", "slice", "pred_score", "pred_label", "threshold", "threshold_rule", "overlay")
 # Files decoded ahead of the model, per batch: enough to keep the model busy, bounded in memory.
 _DECODE_AHEAD_BATCHES = 4
@@ -42,6 +43,8 @@ def predict_paths(
     axis: int = 2,
     slice_range: tuple[int, int] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    device: str = "cpu",
     run: LoadedRun | None = None,
 ) -> Path:
     """Score every 2-D image in `inputs` with the run in `run_dir`; returns the path of predictions.csv.
@@ -52,29 +55,37 @@ def predict_paths(
         along `axis` (only slices in [start, stop) with `slice_range`).
     skip_bad: list unreadable files in skipped.csv and go on; False stops at the first one (BadFileError),
         keeping the rows written before it.
-    run: an already loaded run (saves loading it again); `run_dir` is then ignored.
+    shard: (i, n) to score only every n-th image starting at i (see module docstring).
+    device: where the model runs ("cpu", "cuda").
+    run: an already loaded run (saves loading it again); `run_dir` and `device` are then ignored.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if not inputs:
         raise ConfigError("nothing to predict: give at least one file or folder")
-    run = run or LoadedRun(run_dir)
+    index, count = shard or (0, 1)
+    if not 0 <= index < count:
+        raise ConfigError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    run = run or LoadedRun(run_dir, device=device)
     out_dir = Path(out_dir)
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
     records, skipped_at_scan = scan_inputs(inputs, axis=axis, slice_range=slice_range, skip_bad=skip_bad)
-    sources = [r.source for r in records]
-    dataset = run.dataset(sources)
+    positions = range(index, len(records), count)
+    dataset = run.dataset([records[i].source for i in positions])
+    suffix = f".{index}-of-{count}" if shard else ""
+    predictions_path = out_dir / f"predictions{suffix}.csv"
     threshold = run.threshold
 
-    with open(out_dir / PREDICTIONS_FILE, "w", newline="") as pred_file, \
-            open(out_dir / SKIPPED_FILE, "w", newline="") as skip_file, _progress(progress) as bar:
+    with open(predictions_path, "w", newline="") as pred_file, \
+            open(out_dir / f"skipped{suffix}.csv", "w", newline="") as skip_file, _progress(progress) as bar:
         predictions, skipped = csv.writer(pred_file), csv.writer(skip_file)
         predictions.writerow(COLUMNS)
         skipped.writerow(("path", "reason"))
-        skipped.writerows(skipped_at_scan)
+        if index == 0:  # files that could not even be listed belong to no shard: the first one reports them
+            skipped.writerows(skipped_at_scan)
         skip_file.flush()
-        task = bar.add_task("scoring", total=len(sources))
+        task = bar.add_task("scoring", total=len(dataset))
         for batch in _decoded_batches(dataset, batch_size):
             good = [(i, item) for i, item in batch if isinstance(item, Sample)]
             results = run.score_samples([s for _, s in good]) if good else []
@@ -82,7 +93,7 @@ def predict_paths(
                 path, fragment = split_source(sample.path)
                 overlay = ""
                 if overlays:
-                    name = overlay_dir / f"{i:06d}_{_safe_name(Path(path).name, fragment)}.png"
+                    name = overlay_dir / f"{positions[i]:06d}_{_safe_name(Path(path).name, fragment)}.png"
                     render_overlay(sample.image.numpy(), result.anomaly_map, result.pred_score, result.pred_label,
                                    threshold.value).save(name)
                     overlay = str(name.relative_to(out_dir))
@@ -97,7 +108,7 @@ def predict_paths(
                     skipped.writerow((item.path, item.reason))
             skip_file.flush()
             bar.advance(task, len(batch))
-    return out_dir / PREDICTIONS_FILE
+    return predictions_path
 
 
 def _decoded_batches(dataset, batch_size: int) -> Iterator[list[tuple[int, Sample | BadFileError]]]:

@@ -19,10 +19,16 @@ unpickled). Requests are decoded in FastAPI's thread pool; forward passes take a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
+import struct
 import tempfile
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,7 +39,7 @@ from fastapi.responses import HTMLResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 import aeflow
-from aeflow.errors import BadFileError
+from aeflow.errors import AeflowError, BadFileError
 from aeflow.serving.runtime import LoadedRun, json_float, png_base64, render_overlay
 
 #: Extension the data layer needs to pick its decoder, by sniffed type.
@@ -62,7 +68,12 @@ def declared_pixels(data: bytes, kind: str) -> int:
     Raises BadFileError when the header itself cannot be read.
     """
     try:
-        if kind in ("png", "jpeg"):
+        if kind == "png":  # the IHDR chunk must come first: width and height at bytes 16-23, big-endian
+            if data[12:16] != b"IHDR":
+                raise ValueError("the first chunk is not IHDR")
+            width, height = struct.unpack(">II", data[16:24])
+            return width * height
+        if kind == "jpeg":
             from PIL import Image
 
             with warnings.catch_warnings():
@@ -183,6 +194,8 @@ class _Service:
             sample = self.run.dataset([source], max_pixels=self.max_pixels)[0]
         except BadFileError as error:
             raise HTTPException(422, f"{name}: {error.reason}") from None
+        except AeflowError as error:  # e.g. the run's intensity rule needs DICOM window tags the file lacks
+            raise HTTPException(422, f"{name}: {error}") from None
         finally:
             os.unlink(path)
         result = self.run.score_samples([sample])[0]
@@ -229,6 +242,31 @@ def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: in
         return await run_in_threadpool(service.score_upload, name, data, frame)
 
     return app
+
+
+@contextlib.contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port of `host`; yields its base URL, stops it on exit.
+
+    For tests, benchmarks and notebooks; `serve` is the way to run the service for real.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread stopped during start-up")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_upload_mb: float = 20,

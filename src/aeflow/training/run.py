@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 import aeflow
-from aeflow.data.records import save_splits
+from aeflow.data import load_data, save_splits
 from aeflow.data.sample import collate
 from aeflow.errors import CheckpointError, ConfigError
 from aeflow.models.base import AnomalyModel, create_model
@@ -107,8 +107,8 @@ class TrainConfig:
 def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume: bool = False) -> Path:
     """Train `config` into `run_dir` and return it.
 
-    data: a DataSplits (`.train`, `.val`, `.test` datasets of Samples); by default loaded with
-        aeflow.data.load_data from config.data.
+    data: an aeflow.data.DataSplits; by default loaded with aeflow.data.load_data from config.data,
+        config.image_size, config.channels and config.seed.
     resume: continue the run in `run_dir` from checkpoints/last.safetensors (after a crash or a kill), with
         the stored config; only RESUMABLE_CHANGES may differ in `config`. Without resume, a folder that
         already holds a run is refused rather than overwritten.
@@ -126,17 +126,12 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
     with _log_to(run_dir / "train.log"):
         L.seed_everything(config.seed, workers=True, verbose=False)
         if data is None:
-            from aeflow.data import load_data
-
             data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed, **config.data)
         model = _build_model(config)
         train_set, val_set, calibration_set, holdout, val_has_anomalies = _split_for_training(data, config.seed)
         if not resume:
             _write_config(run_dir, config, model, holdout)
-            if hasattr(data, "records"):
-                save_splits(data, run_dir)
-            else:
-                log.warning("the data carries no split records: no splits.json is written")
+            save_splits(data, run_dir)
 
         def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
             return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, collate_fn=collate,
@@ -157,7 +152,9 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             log.info("training stopped after epoch %d, global step %d", trainer.current_epoch, trainer.global_step)
             best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last_checkpoint
             model.load_state_dict(model_state(load_checkpoint(best)))
-            log.info("kept the weights of %s (validation loss %s)", best.name, checkpoints.best_model_score)
+            score = checkpoints.best_model_score
+            log.info("kept the weights of %s (validation loss %s)", best.name,
+                     "n/a" if score is None else f"{float(score):.5g}")
         else:
             model.fit(train_loader)
         if hasattr(model, "calibrate"):

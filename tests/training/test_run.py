@@ -1,0 +1,127 @@
+"""train() writes a complete run folder, resumes a killed run where it stopped, and load_run() rebuilds it safely."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aeflow.errors import CheckpointError, ConfigError
+from aeflow.training import PRESETS, TrainConfig, load_checkpoint, load_run, train
+
+
+def tiny_config(**overrides) -> dict:
+    """A few-second AE-FLOW: random-init ResNet-18 (no weight files needed), 2 flow steps, 64 px phantoms."""
+    config = {
+        "model": "aeflow",
+        "model_kwargs": {"backbone": "resnet18", "pretrained": False, "flow_steps": 2, "subnet": "conv",
+                         "decoder_widths": [32, 16, 8]},
+        "data": {"layout": "synthetic", "n_train": 16, "n_val": 8, "n_test": 4},
+        "image_size": 64,
+        "batch_size": 8,
+        "max_epochs": 2,
+        "progress_bar": False,
+    }
+    config.update(overrides)
+    return config
+
+
+def test_run_folder_holds_everything_and_loads_back(tmp_path):
+    run = train(tiny_config(), tmp_path / "run")
+    for name in ("config.json", "splits.json", "train.log", "model.safetensors", "curves/metrics.csv",
+                 "checkpoints/last.safetensors", "checkpoints/best.safetensors"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["seed"] == 0 and config["train"]["max_epochs"] == 2
+    assert {"python", "torch", "lightning", "aeflow"} <= set(config["versions"])
+    assert config["model_config"]["backbone"] == "resnet18"
+    assert "epoch 1" in (run / "train.log").read_text()
+    assert "val_loss" in (run / "curves/metrics.csv").read_text().splitlines()[0]
+
+    model, loaded_config = load_run(run)
+    assert loaded_config == config
+    assert bool(model.calibrated) and model.score_std.min() > 0  # calibration travelled with the weights
+    again, _ = load_run(run)
+    images = torch.rand(2, 1, 64, 64)
+    first, second = model.predict(images), again.predict(images)
+    assert torch.equal(first["pred_score"], second["pred_score"])
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_config(), run)
+
+
+def test_load_run_refuses_a_tampered_model_file(tmp_path):
+    run = train(tiny_config(max_epochs=1), tmp_path / "run")
+    marker = tmp_path / "payload_ran"
+    source = f"import os\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+    namespace: dict = {}
+    exec(source, namespace)
+    torch.save({"state_dict": namespace["P"]()}, run / "model.safetensors")
+    with pytest.raises(CheckpointError):
+        load_run(run)
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run = train(tiny_config(max_epochs=1), tmp_path / "run")
+    with pytest.raises(ConfigError, match="lr"):
+        train(tiny_config(max_epochs=2, lr=0.5), run, resume=True)
+
+
+_CHILD = """
+from aeflow.training import train
+train({config}, {run!r})
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    epochs, n_train, batch = 6, 48, 8
+    config = tiny_config(max_epochs=epochs, data={"layout": "synthetic", "n_train": n_train, "n_val": 8, "n_test": 4},
+                         batch_size=batch)
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.safetensors"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(config=repr(config), run=str(run))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert last.exists(), "the child wrote no checkpoint"
+        assert child.poll() is None, "the child finished before it could be killed: make its epochs longer"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    steps_per_epoch = n_train // batch
+    before = load_checkpoint(last)  # the killed run's checkpoint is whole (atomic write)
+    assert before["global_step"] == (before["epoch"] + 1) * steps_per_epoch < epochs * steps_per_epoch
+
+    train(config, run, resume=True)
+    after = load_checkpoint(last)
+    assert after["epoch"] == epochs - 1
+    assert after["global_step"] == epochs * steps_per_epoch
+    log = (run / "train.log").read_text()
+    assert f"epoch {before['epoch'] + 1} done, global step {before['global_step']}" in log
+    assert "training stopped after epoch 6" in log
+    assert (run / "model.safetensors").is_file()
+
+
+def test_presets_and_options():
+    paper = TrainConfig.from_dict({"preset": "paper"})
+    assert (paper.lr, paper.weight_decay, paper.max_epochs, paper.image_size) == (2e-3, 1e-5, 100, 256)
+    assert paper.model_kwargs == {"backbone": "wide_resnet50_2", "freeze_encoder": True, "flow_steps": 8,
+                                  "subnet": "resnet", "alpha": 0.5, "beta": 0.9, "score_mode": "paper"}
+    chest = TrainConfig.from_dict({"preset": "paper_chest_xray", "model_kwargs": {"flow_steps": 4}})
+    assert chest.lr == 1e-3 and chest.model_kwargs["subnet"] == "conv" and chest.model_kwargs["flow_steps"] == 4
+    assert PRESETS["paper"]["model_kwargs"]["flow_steps"] == 8  # the preset itself is not modified
+    with pytest.raises(ConfigError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        TrainConfig.from_dict({"preset": "nope"})
