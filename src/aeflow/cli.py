@@ -19,7 +19,8 @@ from typing import Optional
 
 import typer
 
-from aeflow.errors import AeflowError
+from aeflow.cli_errors import user_errors
+from aeflow.serving.commands import register as register_serving_commands
 
 app = typer.Typer(
     name="aeflow",
@@ -30,11 +31,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect data sets and layouts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -67,10 +63,8 @@ def data_describe(
     """Print counts per split and class, image sizes, intensity ranges and skipped files."""
     from aeflow.data import describe, load_data, summarize
 
-    try:
+    with user_errors():
         splits = load_data(data, root, image_size=None, skip_bad=skip_bad, **parse_options(option))
-    except AeflowError as err:
-        _fail(err)
     typer.echo(json.dumps(summarize(splits), indent=2, default=str) if as_json else describe(splits))
 
 
@@ -143,10 +137,8 @@ def train(
         freeze_encoder=freeze_encoder, subnet=subnet, skip_bad=skip_bad,
     )
     run_dir = runs / (name or f"{model}-{data}-s{seed}")
-    try:
+    with user_errors():
         train_run(values, run_dir, resume=resume)
-    except AeflowError as err:
-        _fail(err)
     typer.echo(f"run saved in {run_dir}")
 
 
@@ -162,11 +154,9 @@ def test_run(
     """Score the run's validation and test splits; write threshold.json, metrics.json/.csv and report.html."""
     from aeflow.evaluation.assess import evaluate_run
 
-    try:
+    with user_errors():
         metrics = evaluate_run(run, rule=rule, rule_params=parse_options(rule_option), root=root,
                                batch_size=batch_size, device=device)
-    except AeflowError as err:
-        _fail(err)
     _print_metrics(metrics)
     typer.echo(f"report: {metrics['report']}")
 
@@ -184,7 +174,7 @@ def _print_metrics(metrics: dict) -> None:
 @app.command()
 def demo(
     runs: Path = typer.Option(RUNS, "--runs", help="Folder that holds run folders."),
-    epochs: int = typer.Option(8, "--epochs"),
+    epochs: int = typer.Option(10, "--epochs"),
 ):
     """Everything offline on the built-in synthetic phantoms: train AE-FLOW briefly, evaluate, write the report."""
     from aeflow.evaluation.assess import evaluate_run
@@ -196,16 +186,26 @@ def demo(
 
         shutil.rmtree(run_dir)
     values = {
-        "preset": "quick", "image_size": 64, "max_epochs": epochs, "batch_size": 16, "seed": 0,
-        "data": {"layout": "synthetic", "root": None, "n_train": 240, "n_val": 60, "n_test": 120, "size": 64},
+        "preset": "quick", "image_size": 128, "max_epochs": epochs, "batch_size": 16, "seed": 0,
+        "data": {"layout": "synthetic", "root": None, "n_train": 200, "n_val": 60, "n_test": 120, "size": 128},
     }
-    try:
+    with user_errors():
         train_run(values, run_dir)
         metrics = evaluate_run(run_dir)
-    except AeflowError as err:
-        _fail(err)
     _print_metrics(metrics)
     typer.echo(f"report: {Path(metrics['report']).resolve()}")
+
+
+@app.command("models")
+def list_models():
+    """List the registered models."""
+    from aeflow.models import available_models
+
+    for name in available_models():
+        typer.echo(name)
+
+
+register_serving_commands(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

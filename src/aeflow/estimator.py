@@ -43,7 +43,8 @@ from aeflow.models import available_models
 ESTIMATOR_FILE = "estimator.json"
 _RULE_ALIASES = {"fpr": ("conformal_fpr", "alpha"), "conformal_fpr": ("conformal_fpr", "alpha"),
                  "f1": ("f1_optimal", None), "f1_optimal": ("f1_optimal", None),
-                 "sensitivity": ("target_sensitivity", "target"), "target_sensitivity": ("target_sensitivity", "target")}
+                 "sensitivity": ("target_sensitivity", "target"),
+                 "target_sensitivity": ("target_sensitivity", "target")}
 
 
 def parse_threshold_rule(text: str) -> ThresholdRule:
@@ -177,7 +178,7 @@ class AnomalyDetector:
 
     def save(self, folder: str | Path) -> Path:
         """Write a run folder (config.json, model.safetensors, threshold.json) plus estimator.json."""
-        from aeflow.serving.runtime import THRESHOLD_FILE
+        from aeflow.evaluation.thresholds import THRESHOLD_FILE
         from aeflow.training import save_checkpoint
         from aeflow.training.run import CONFIG_FILE, MODEL_FILE
 

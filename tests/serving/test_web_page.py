@@ -1,4 +1,4 @@
-"""The web page, in headless Chromium: choose an image, see the overlay, the score against the threshold, the verdict."""
+"""The web page in headless Chromium: choose an image, see the overlay, the score against the threshold, the verdict."""
 
 from __future__ import annotations
 

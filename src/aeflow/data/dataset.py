@@ -132,6 +132,13 @@ class DataSplits:
 
         return describe(self)
 
+    @property
+    def labelled(self) -> ImageDataset:
+        """The labelled training anomalies (`records.labelled`; empty unless load_data was asked for some),
+        decoded like the training images."""
+        t = self.train
+        return ImageDataset(self.records.labelled, t.image_size, t.channels, t.intensity, max_pixels=t.max_pixels)
+
     @classmethod
     def from_records(cls, records: SplitRecords, *, image_size: int | tuple[int, int] | None = 256, channels: int = 1,
                      intensity: str = "auto", skip_bad: bool = False, validate: bool = True,
@@ -176,16 +183,20 @@ def _validate(records: SplitRecords, channels: int, intensity: str, max_pixels: 
 
 def load_data(layout: str, root: str | Path | None = None, *, image_size: int | tuple[int, int] | None = 256,
               channels: int = 1, intensity: str = "auto", seed: int = 0, skip_bad: bool = False,
-              max_pixels: int = MAX_PIXELS, validate: bool = True, **layout_options) -> DataSplits:
+              max_pixels: int = MAX_PIXELS, validate: bool = True, labelled_anomalies: int = 0,
+              **layout_options) -> DataSplits:
     """Load a data set by layout name (see available_layouts()) into train / val / test datasets.
 
     image_size: int or (H, W) to resize to, None to keep sizes. channels: 1 (grayscale kept as is; colour
     converted by BT.601 luma) or 3 (grayscale repeated). intensity: rule to map pixels to [0, 1] (see
     aeflow.data.intensity). seed: fixes every shuffle and carved split. skip_bad: drop bad files and list
-    them in `.skipped` instead of raising. max_pixels: decompression-bomb limit. layout_options: the
-    layout's own options (a misspelt one is a ConfigError that lists the valid ones).
+    them in `.skipped` instead of raising. max_pixels: decompression-bomb limit. labelled_anomalies: K
+    anomalous images of the layout's training pool, drawn with the seed, for semi-supervised models
+    (`.labelled`; see build_records). layout_options: the layout's own options (a misspelt one is a
+    ConfigError that lists the valid ones).
     """
     _size(image_size), _check_channels(channels), parse_intensity(intensity)  # fail fast, before any I/O
-    records, skipped = build_records(layout, root, seed=seed, skip_bad=skip_bad, **layout_options)
+    records, skipped = build_records(layout, root, seed=seed, skip_bad=skip_bad,
+                                     labelled_anomalies=labelled_anomalies, **layout_options)
     return DataSplits.from_records(records, image_size=image_size, channels=channels, intensity=intensity,
                                    skip_bad=skip_bad, validate=validate, max_pixels=max_pixels, skipped=skipped)

@@ -7,7 +7,9 @@ data comes from. Files whose ending is not an image ending (.txt, .csv, .DS_Stor
 are ignored; readable files that turn out to be bad are found later, when the records are validated.
 
 Register a layout with @register("name"); its keyword-only parameters are its options, which
-`build_records` checks, so a misspelt option is a ConfigError naming it and listing the valid ones.
+`build_records` checks, so a misspelt option is a ConfigError naming it and listing the valid ones. A layout
+returns (train, val, test) or, where it has anomalous images outside val and test, (train, val, test, pool):
+the pool is its TRAINING anomalies, from which `labelled_anomalies` are drawn for semi-supervised models.
 """
 
 from __future__ import annotations
@@ -72,20 +74,43 @@ def layout_options(layout: str) -> dict[str, object]:
 
 
 def build_records(layout: str, root: str | Path | None, *, seed: int = 0, skip_bad: bool = False,
-                  **options) -> tuple[SplitRecords, list[tuple[str, str]]]:
-    """Records of every split of `layout` under `root`, and the (path, reason) of files skipped on the way."""
+                  labelled_anomalies: int = 0, **options) -> tuple[SplitRecords, list[tuple[str, str]]]:
+    """Records of every split of `layout` under `root`, and the (path, reason) of files skipped on the way.
+
+    labelled_anomalies: K > 0 puts K anomalous images of the layout's training pool into
+    `SplitRecords.labelled` (see `pick_labelled`); a layout without such a pool (anomalies only in test) is a
+    ConfigError.
+    """
     fn = _get(layout)
     valid = layout_options(layout)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(f"layout {layout!r} has no option {unknown[0]!r}; its options are: "
                           f"{', '.join(valid) or 'none'}")
+    labelled_anomalies = _count("labelled_anomalies", labelled_anomalies)
     scan = Scan(seed=seed, skip_bad=skip_bad)
     root_path = Path(root).expanduser().resolve() if root is not None else None
-    train, val, test = fn(root_path, scan, **options)
+    train, val, test, *pool = fn(root_path, scan, **options)
+    if labelled_anomalies and not pool:
+        raise ConfigError(f"layout {layout!r} has no anomalous training images to label (its anomalies are all in "
+                          f"val or test); labelled_anomalies needs one of: medmnist, synthetic, chest_xray, oct2017, "
+                          f"isic2018, folder (with train_abnormal_dirs)")
+    labelled = pick_labelled(pool[0] if pool else [], labelled_anomalies, seed)
     records = SplitRecords(train, val, test, layout=layout, root=str(root_path) if root_path else None, seed=seed,
-                           options={**{k: v for k, v in valid.items()}, **options})
+                           options={**{k: v for k, v in valid.items()}, **options}, labelled=labelled)
     return records, scan.skipped
+
+
+def pick_labelled(pool: Sequence[Record], k: int, seed: int) -> list[Record]:
+    """K records of the training anomaly pool, in the order of one permutation fixed by the seed.
+
+    Taking a prefix of the same permutation makes the sets nested (with one seed, the 5 labelled images are
+    among the 20, which are among the 100), so a gain from more labels is not confounded with a new draw.
+    """
+    if k > len(pool):
+        raise DataError(f"labelled_anomalies={k}, but the training pool holds only {len(pool)} anomalous images")
+    order = np.random.default_rng([seed, 0x1ABE1]).permutation(len(pool))
+    return [pool[i] for i in order[:k]]
 
 
 def _get(layout: str) -> Callable:
@@ -207,7 +232,7 @@ def _as_list(name: str, value) -> list[str]:
 @register("folder")
 def folder(root: Path | None, scan: Scan, *, normal_dirs=("normal",), abnormal_dirs=(), mask_dir=None,
            test_fraction: float = 0.2, val_fraction: float = 0.1, val_anomaly_fraction: float = 0.0,
-           recursive: bool = False, nifti_axis: int = 2, slice_range=None):
+           recursive: bool = False, nifti_axis: int = 2, slice_range=None, train_abnormal_dirs=()):
     """Generic layout: folders of normal images, folders of abnormal images, and an optional mask folder.
 
     Folders are relative to root (or absolute). Normal images are shuffled with the seed: `test_fraction`
@@ -217,6 +242,10 @@ def folder(root: Path | None, scan: Scan, *, normal_dirs=("normal",), abnormal_d
     `<stem>_mask.*`); with a mask folder, normal images count as having an empty mask. NIfTI volumes
     are cut into slices along `nifti_axis` (optionally only `slice_range` = (start, stop)), multi-frame
     DICOMs into frames; masks of slices are the same slice of the matched mask volume.
+
+    `train_abnormal_dirs`: folders of abnormal images that form the training pool for `labelled_anomalies`
+    (semi-supervised models). They never enter val or test, and unpicked ones are not used at all; without
+    them the `abnormal_dirs` images stay evaluation-only and no anomaly can be labelled for training.
     """
     test_fraction = _fraction("test_fraction", test_fraction)
     val_fraction = _fraction("val_fraction", val_fraction)
@@ -237,7 +266,9 @@ def folder(root: Path | None, scan: Scan, *, normal_dirs=("normal",), abnormal_d
     rest, test_normals = _carve(normals, test_fraction, scan.seed)
     train, val = _carve(rest, val_fraction, scan.seed + 1)
     test_abnormals, val_abnormals = _carve(abnormals, val_anomaly_fraction, scan.seed + 2)
-    return train, val + val_abnormals, test_normals + test_abnormals
+    pool = [Record(s, 1, Path(d).name.lower(), mask=_mask_for(s, masks))
+            for d in _as_list("train_abnormal_dirs", train_abnormal_dirs) for s in sources(d)]
+    return train, val + val_abnormals, test_normals + test_abnormals, pool
 
 
 # --- industrial inspection: MVTec AD, BTAD, MIIC ---------------------------------------------------------------------
@@ -324,10 +355,10 @@ def _class_folders(root: Path, scan: Scan, *, normal: str, anomalies: Sequence[s
     train_normals, train_abnormal = split("train", required=False)
     test = [r for part in split("test") for r in part]
     if mode == "official":
-        return train_normals, [r for part in split("val", required=False) for r in part], test
+        return train_normals, [r for part in split("val", required=False) for r in part], test, train_abnormal
     train, val_normals = _carve(train_normals, val_fraction, scan.seed)
-    _, val_abnormal = _carve(train_abnormal, val_fraction, scan.seed + 1)
-    return train, val_normals + val_abnormal, test
+    pool, val_abnormal = _carve(train_abnormal, val_fraction, scan.seed + 1)
+    return train, val_normals + val_abnormal, test, pool
 
 
 @register("chest_xray")
@@ -349,6 +380,9 @@ def oct2017(root: Path | None, scan: Scan, *, val: str = "auto", val_fraction: f
 
     Validation as for chest_xray: the val/ folder if present ('official'), else `val_fraction` of the
     training normals and of each training anomaly class ('carve').
+
+    Training pool for `labelled_anomalies` (here and in chest_xray): the train/ anomaly images not carved
+    into validation.
     """
     return _class_folders(_require_root(root, "oct2017"), scan, normal="NORMAL", anomalies=("CNV", "DME", "DRUSEN"),
                           val=val, val_fraction=val_fraction)
@@ -398,19 +432,20 @@ def isic2018(root: Path | None, scan: Scan, *, val: str = "auto", val_fraction: 
 
     Train: Training images labelled NV. Test: the Test split (required). Validation: 'official' uses the
     Validation split; 'carve' takes `val_fraction` of the training NV images and of the training anomalies;
-    'auto' uses Validation if present.
+    'auto' uses Validation if present. Training pool for `labelled_anomalies`: the Training anomalies not
+    carved into validation.
     """
     root = _require_root(root, "isic2018")
     val_fraction = _fraction("val_fraction", val_fraction)
     training, validation, test = (_isic_split(root, scan, s) for s in ("Training", "Validation", "Test"))
     if training is None or test is None:
         raise DataError(f"{root}: expected ISIC2018_Task3_Training_Input/ and ISIC2018_Task3_Test_Input/")
-    train_normals = [r for r in training if r.label == 0]
+    train_normals, train_abnormal = [r for r in training if r.label == 0], [r for r in training if r.label == 1]
     if _val_mode(val, validation is not None, root) == "official":
-        return train_normals, validation, test
+        return train_normals, validation, test, train_abnormal
     train, val_normals = _carve(train_normals, val_fraction, scan.seed)
-    _, val_abnormal = _carve([r for r in training if r.label == 1], val_fraction, scan.seed + 1)
-    return train, val_normals + val_abnormal, test
+    pool, val_abnormal = _carve(train_abnormal, val_fraction, scan.seed + 1)
+    return train, val_normals + val_abnormal, test, pool
 
 
 # --- BraTS2021 2-D slices (BMAD / MedIAnomaly benchmark layout) ----------------------------------------------------------
@@ -460,6 +495,8 @@ def medmnist(root: Path | None, scan: Scan, *, normal_labels=(0,), label_names=N
     all labels. Test: the test split. Images with other labels are anomalies named by `label_names`
     ({label: name}; built in for PneumoniaMNIST). For PneumoniaMNIST this is the usual protocol:
     1214 normal training images, val 135 normal / 389 pneumonia, test 234 normal / 390 pneumonia.
+    Training pool for `labelled_anomalies`: the train-split images with other labels (3494 pneumonias in
+    PneumoniaMNIST).
     """
     root = _require_root(root, "medmnist")
     if root.is_dir():
@@ -474,16 +511,18 @@ def medmnist(root: Path | None, scan: Scan, *, normal_labels=(0,), label_names=N
     names = {**KNOWN_LABEL_NAMES.get(root.stem.split("_")[0], {}), **{int(k): v for k, v in (label_names or {}).items()}}
     normal = {int(k) for k in normal_labels}
 
-    def split(name: str, *, normals_only: bool = False) -> list[Record]:
+    def split(name: str) -> list[Record]:
         labels = npz_labels(root, name)
         if labels.ndim != 1:
             raise DataError(f"{root}: {name}_labels has shape {labels.shape}; multi-label MedMNIST files "
                             f"(e.g. ChestMNIST) are not supported")
         return [Record(f"{root}#split={name},index={i}", 0 if int(k) in normal else 1,
                        NORMAL if int(k) in normal else names.get(int(k), f"class_{int(k)}"))
-                for i, k in enumerate(labels) if not normals_only or int(k) in normal]
+                for i, k in enumerate(labels)]
 
-    return split("train", normals_only=True), split("val"), split("test")
+    training = split("train")
+    return ([r for r in training if r.label == 0], split("val"), split("test"),
+            [r for r in training if r.label == 1])
 
 
 # --- magnetic tile -----------------------------------------------------------------------------------------------------
@@ -530,7 +569,8 @@ def synthetic_phantoms(root: Path | None, scan: Scan, *, n_train: int = 200, n_v
 
     Train: `n_train` normal subjects. Validation and test: `n_val` / `n_test` further subjects of which
     round(anomaly_fraction * n) carry a bright or dark lesion. Every image has a pixel mask (empty for
-    normals). `seed` defaults to the run's seed; all subjects are distinct.
+    normals). `seed` defaults to the run's seed; all subjects are distinct. Training pool for
+    `labelled_anomalies`: `n_train` further subjects (indices after the test ones), each with a lesion.
     """
     n_train, n_val, n_test = _count("n_train", n_train, 1), _count("n_val", n_val), _count("n_test", n_test)
     anomaly_fraction = _fraction("anomaly_fraction", anomaly_fraction, high_open=False)
@@ -549,7 +589,10 @@ def synthetic_phantoms(root: Path | None, scan: Scan, *, n_train: int = 200, n_v
         return [record(first + i, synthetic.ANOMALY_TYPES[kinds[i]] if i in anomalous else NORMAL) for i in range(n)]
 
     train = [record(i, NORMAL) for i in range(n_train)]
-    return train, split(n_train, n_val), split(n_train + n_val, n_test)
+    first_pool = n_train + n_val + n_test
+    pool_kinds = np.random.default_rng([seed, first_pool, n_train]).integers(len(synthetic.ANOMALY_TYPES), size=n_train)
+    pool = [record(first_pool + i, synthetic.ANOMALY_TYPES[kind]) for i, kind in enumerate(pool_kinds)]
+    return train, split(n_train, n_val), split(n_train + n_val, n_test), pool
 
 
 # --- unlabelled inputs (prediction) ----------------------------------------------------------------------------------

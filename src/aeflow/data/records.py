@@ -39,7 +39,13 @@ class Record:
 
 @dataclass
 class SplitRecords:
-    """The three splits of a data set as records, plus how they were made."""
+    """The three splits of a data set as records, plus how they were made.
+
+    labelled: anomalous images of the layout's TRAINING pool whose labels the semi-supervised models may
+        learn from (`labelled_anomalies` in build_records / load_data; empty otherwise). They are kept out of
+        `train`, so "train holds normal images only" stays true for every other model, and they never come
+        from val or test. `splits()` lists them as a fourth split only when there are some.
+    """
 
     train: list[Record]
     val: list[Record]
@@ -48,9 +54,11 @@ class SplitRecords:
     root: str | None = None
     seed: int = 0
     options: dict = field(default_factory=dict)
+    labelled: list[Record] = field(default_factory=list)
 
     def splits(self) -> dict[str, list[Record]]:
-        return {"train": self.train, "val": self.val, "test": self.test}
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return {**splits, "labelled": self.labelled} if self.labelled else splits
 
 
 def file_of(source: str) -> str | None:

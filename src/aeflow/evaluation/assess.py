@@ -14,13 +14,11 @@ import torch
 from aeflow.data import DataSplits, load_splits
 from aeflow.evaluation.metrics import evaluate, write_metrics
 from aeflow.evaluation.report import GalleryItem, collect_versions, pick_gallery, write_report
-from aeflow.evaluation.thresholds import Threshold, make_rule
+from aeflow.evaluation.thresholds import THRESHOLD_FILE, Threshold, make_rule
 from aeflow.inference import Predictions, predict_dataset
 from aeflow.training import load_run
 
 log = logging.getLogger("aeflow.evaluation")
-
-THRESHOLD_FILE = "threshold.json"
 
 
 def default_rule(val_labels: np.ndarray) -> tuple[str, dict]:

@@ -33,6 +33,9 @@ from sklearn.metrics import precision_recall_curve
 
 from aeflow.errors import AeflowError, ConfigError
 
+#: File in a run folder that holds the fitted Threshold (`Threshold.to_dict()` as JSON).
+THRESHOLD_FILE = "threshold.json"
+
 
 class EvaluationError(AeflowError):
     """Scores, labels or thresholds cannot be evaluated as asked (e.g. one class only, a threshold fit on test)."""

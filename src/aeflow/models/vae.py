@@ -49,7 +49,7 @@ class VAE(AnomalyModel):
         widths: Sequence[int] = (32, 64, 128, 256),
         latent_channels: int = 16,
         kl_weight: float = 0.1,
-        score: str = "elbo",
+        score: str = "topk",
         topk_fraction: float = 0.01,
         blur_sigma: float = 2.0,
     ):

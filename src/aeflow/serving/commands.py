@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from aeflow.errors import AeflowError
+from aeflow.cli_errors import user_errors
 
-RUN_HELP = "Run folder written by `aeflow train` (config.json, model.safetensors) with threshold.json from `aeflow test`."
-
-
-@contextlib.contextmanager
-def _user_errors():
-    """An AeflowError is the user's to fix: one red line and exit code 2, no traceback."""
-    try:
-        yield
-    except AeflowError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+RUN_HELP = ("Run folder written by `aeflow train` (config.json, model.safetensors) with threshold.json from "
+            "`aeflow test`.")
 
 
 def _slice_range(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -68,7 +58,7 @@ def predict(
     """
     from aeflow.serving.predict import predict_paths
 
-    with _user_errors():
+    with user_errors():
         csv_path = predict_paths(run, list(inputs), out, batch_size=batch_size, skip_bad=not strict,
                                  overlays=overlays, axis=axis, slice_range=_slice_range(slices),
                                  shard=_shard(shard), device=device)
@@ -95,7 +85,7 @@ def export(
         raise typer.BadParameter(f"unknown format {format!r}; supported: onnx", param_hint="--format")
     from aeflow.serving.export import export_onnx
 
-    with _user_errors():
+    with user_errors():
         path = export_onnx(run, out, opset=opset)
     typer.echo(f"wrote {path}")
 
@@ -111,7 +101,7 @@ def serve(
     """Serve the run over HTTP: a web page at /, and POST /predict, GET /model, GET /health."""
     from aeflow.serving.server import serve as run_server
 
-    with _user_errors():
+    with user_errors():
         run_server(run, host, port, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
 
 

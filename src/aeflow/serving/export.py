@@ -94,21 +94,35 @@ def export_onnx(run_dir: str | Path, out_path: str | Path | None = None, *, opse
 
 
 def check_parity(graph: nn.Module, scorer: OnnxScorer, shape: tuple[int, int, int]) -> float:
-    """Largest relative difference over a few inputs (batch sizes 1 and 3, noise and smooth images); raises
-    ExportError above PARITY_TOLERANCE."""
+    """Largest relative difference (max |onnx - torch| / max |torch|, per output) over a batch of one and a batch
+    of three random smooth images; raises ExportError above PARITY_TOLERANCE.
+
+    Smooth (locally averaged) noise, like real scans, not white noise: white noise through a deep network with
+    random weights drives activations far beyond anything an image produces, and there float32 rounding alone
+    reaches the tolerance (measured on AE-FLOW with a random Wide-ResNet-50-2 at 256 px: PyTorch float32 vs
+    float64 3.8e-5, onnxruntime vs float64 7.5e-5), which would hide what the check is for: a graph that
+    computes something else.
+    """
     g = torch.Generator().manual_seed(1)
-    smooth = torch.nn.functional.avg_pool2d(torch.rand(3, *shape, generator=g), 9, stride=1, padding=4)
-    worst = 0.0
-    for images in (torch.rand(1, *shape, generator=g), smooth):
+
+    def smooth(batch: int, width: int) -> torch.Tensor:
+        noise = torch.rand(batch, *shape, generator=g)
+        return torch.nn.functional.avg_pool2d(noise, width, stride=1, padding=width // 2, count_include_pad=False)
+
+    worst, where = 0.0, ""
+    for images in (smooth(1, 9), smooth(3, 25)):
         with torch.no_grad():
             expected = dict(zip(OUTPUTS, (t.numpy() for t in graph(images))))
         got = scorer.predict(images.numpy())
         for name in OUTPUTS:
             scale = max(float(np.abs(expected[name]).max()), 1e-6)
-            worst = max(worst, float(np.abs(got[name] - expected[name]).max()) / scale)
+            error = float(np.abs(got[name] - expected[name]).max())
+            if error / scale > worst:
+                worst = error / scale
+                where = f"{name}: |difference| {error:.3g} where PyTorch's values reach {scale:.3g}"
     if not worst <= PARITY_TOLERANCE:
         raise ExportError(f"the ONNX graph differs from PyTorch by {worst:.3g} (relative), more than "
-                          f"{PARITY_TOLERANCE:g}: do not use {scorer.path}")
+                          f"{PARITY_TOLERANCE:g} ({where}): do not use {scorer.path}")
     return worst
 
 

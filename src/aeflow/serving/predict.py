@@ -128,7 +128,8 @@ def _decoded_batches(dataset, batch_size: int) -> Iterator[list[tuple[int, Sampl
                 pending.append((i, pool.submit(decode, i)))
             if not pending:
                 return
-            yield [(i, future.result()) for i, future in (pending.popleft() for _ in range(min(batch_size, len(pending))))]
+            batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            yield [(i, future.result()) for i, future in batch]
 
 
 def _safe_name(file_name: str, fragment: dict[str, str]) -> str:

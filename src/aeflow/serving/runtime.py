@@ -22,9 +22,8 @@ from PIL import Image, ImageDraw
 
 from aeflow.data import ImageDataset, Record, Sample
 from aeflow.errors import ConfigError
-from aeflow.evaluation.thresholds import Threshold
+from aeflow.evaluation.thresholds import THRESHOLD_FILE, Threshold
 
-THRESHOLD_FILE = "threshold.json"
 #: Overlays are drawn at least this many pixels wide, so a 64 or 128 px model input is still readable.
 OVERLAY_MIN_SIDE = 256
 

@@ -8,7 +8,9 @@
   z-scored score blend calibrated on normal validation images (the guide measured the raw blend below the
   flow score alone on PneumoniaMNIST) and early stopping on the validation loss of normal images.
 - `quick`: minutes on a laptop CPU (the demo): EfficientNet-Lite0, whose real ImageNet weights ship in a pip
-  package, at 128 px, 10 epochs.
+  package, at 128 px, 10 epochs, and a narrow decoder (128/64/32 channels): the paper's 512/256/64 decoder
+  is 16x the multiply-adds at this size and took most of the time, while on the synthetic phantoms the narrow
+  one scored image AUROC 0.79 in 77 s of single-thread training (200 images, difficulty 0.5).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ PRESETS: dict[str, dict] = {
     "quick": {
         "model": "aeflow",
         "model_kwargs": {**_PAPER_MODEL, "backbone": "efficientnet_lite0", "subnet": "conv",
-                         "score_mode": "standardized"},
+                         "score_mode": "standardized", "decoder_widths": [128, 64, 32]},
         "lr": 1e-3,
         "weight_decay": 1e-5,
         "max_epochs": 10,

@@ -2,8 +2,10 @@
 
 A run folder holds everything needed to use and to repeat the run:
 
-    config.json            the full TrainConfig, the model's constructor arguments, seed, library versions
-    splits.json            the file list of every split with checksums (aeflow.data.save_splits)
+    config.json            the full TrainConfig, the model's constructor arguments, seed, library versions,
+                           and the sources of the labelled training anomalies (semi-supervised runs)
+    splits.json            the file list of every split with checksums (aeflow.data.save_splits); a
+                           semi-supervised run lists its labelled anomalies as the split "labelled"
     checkpoints/last.safetensors, checkpoints/best.safetensors
                            lightning checkpoints in aeflow's safe format (aeflow.training.checkpoint), written
                            atomically at the end of every epoch; best = lowest validation loss on normals
@@ -38,6 +40,7 @@ from aeflow.models.base import AnomalyModel, create_model
 from aeflow.training.checkpoint import SafeCheckpointIO, load_checkpoint, model_state, save_checkpoint
 from aeflow.training.module import AnomalyModule
 from aeflow.training.presets import preset
+from aeflow.training.sampler import LabelledBatchSampler
 
 log = logging.getLogger("aeflow.training")
 
@@ -58,6 +61,10 @@ class TrainConfig:
     patience: epochs without a lower validation loss before stopping early; None trains max_epochs.
     precision: lightning's precision string, "32-true" or "bf16-mixed".
     preset: name of the preset (aeflow.training.presets) the other fields started from, if any.
+    labelled_anomalies: K > 0 adds K labelled anomalous images from the layout's TRAINING pool (drawn with
+        `seed`, never from val or test; see aeflow.data.load_data) for models that learn from them
+        (`learns_from_labelled_anomalies`, e.g. "aeflow_gmm"); every training batch then holds some of them
+        (aeflow.training.sampler.LabelledBatchSampler).
     """
 
     model: str = "aeflow"
@@ -77,6 +84,7 @@ class TrainConfig:
     num_workers: int = 0
     progress_bar: bool = True
     preset: str | None = None
+    labelled_anomalies: int = 0
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -102,6 +110,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience must be >= 1 or None, got {self.patience}")
+        if isinstance(self.labelled_anomalies, bool) or not isinstance(self.labelled_anomalies, int) \
+                or self.labelled_anomalies < 0:
+            raise ConfigError(f"labelled_anomalies must be an integer >= 0, got {self.labelled_anomalies!r}")
+        if "labelled_anomalies" in self.data:
+            raise ConfigError("give labelled_anomalies as a training option, not inside data")
 
 
 def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume: bool = False) -> Path:
@@ -126,18 +139,27 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
     with _log_to(run_dir / "train.log"):
         L.seed_everything(config.seed, workers=True, verbose=False)
         if data is None:
-            data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed, **config.data)
+            data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed,
+                             labelled_anomalies=config.labelled_anomalies, **config.data)
         model = _build_model(config)
+        labelled = _labelled_for_training(data, config, model)
         train_set, val_set, calibration_set, holdout, val_has_anomalies = _split_for_training(data, config.seed)
         if not resume:
-            _write_config(run_dir, config, model, holdout)
+            _write_config(run_dir, config, model, holdout, [r.source for r in data.records.labelled])
             save_splits(data, run_dir)
 
         def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
             return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, collate_fn=collate,
                               num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
 
-        train_loader = loader(train_set, shuffle=True)
+        if labelled is None:
+            train_loader = loader(train_set, shuffle=True)
+        else:
+            sampler = LabelledBatchSampler(len(train_set), len(labelled), config.batch_size, seed=config.seed)
+            train_loader = DataLoader(ConcatDataset([train_set, labelled]), batch_sampler=sampler, collate_fn=collate,
+                                      num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+            log.info("training on %d normal images and %d labelled anomalies, %d of them in every batch",
+                     len(train_set), len(labelled), sampler.per_batch)
         if model.trained_by_gradient:
             ckpt_path = last_checkpoint if resume and last_checkpoint.exists() else None
             if ckpt_path is not None:
@@ -209,6 +231,20 @@ def _build_model(config: TrainConfig) -> AnomalyModel:
     return model
 
 
+def _labelled_for_training(data, config: TrainConfig, model: AnomalyModel) -> Dataset | None:
+    """The labelled anomalies to train on (None without), after checking that data, config and model agree."""
+    found = len(data.records.labelled)
+    if found != config.labelled_anomalies:
+        raise ConfigError(f"the data holds {found} labelled anomalies but the config asks for "
+                          f"labelled_anomalies={config.labelled_anomalies}: load it with the same count")
+    if not found:
+        return None
+    if not getattr(model, "learns_from_labelled_anomalies", False):
+        raise ConfigError(f"model {config.model!r} trains on normal images only and would ignore labelled anomalies; "
+                          f"use a semi-supervised model (e.g. 'aeflow_gmm') or labelled_anomalies=0")
+    return data.labelled
+
+
 def _split_for_training(data, seed: int) -> tuple[Dataset, Dataset, Dataset, list[str], bool]:
     """(train, validation, calibration set, paths held out of training, whether validation has anomalies).
 
@@ -277,14 +313,17 @@ def _resumed_config(run_dir: Path, config: TrainConfig) -> TrainConfig:
         stored = json.loads((run_dir / CONFIG_FILE).read_text())["train"]
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} holds no run to resume (no {CONFIG_FILE})") from None
-    changed = {k for k, v in dataclasses.asdict(config).items() if stored.get(k) != _jsonable(v)}
+    # A field added after the run was written counts as its default there.
+    defaults = dataclasses.asdict(TrainConfig())
+    changed = {k for k, v in dataclasses.asdict(config).items() if stored.get(k, _jsonable(defaults[k])) != _jsonable(v)}
     if changed - RESUMABLE_CHANGES:
         raise ConfigError(f"cannot resume {run_dir} with a different {', '.join(sorted(changed - RESUMABLE_CHANGES))}"
                           f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
     return config
 
 
-def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdout: list[str]) -> None:
+def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdout: list[str],
+                  labelled: list[str]) -> None:
     import FrEIA
     import numpy
 
@@ -292,6 +331,7 @@ def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdo
         "train": dataclasses.asdict(config),
         "model_config": model.config(),
         "calibration_holdout": holdout,
+        "labelled_anomalies": labelled,
         "versions": {
             "aeflow": aeflow.__version__,
             "python": sys.version.split()[0],
