@@ -91,11 +91,12 @@ def build_records(layout: str, root: str | Path | None, *, seed: int = 0, skip_b
     scan = Scan(seed=seed, skip_bad=skip_bad)
     root_path = Path(root).expanduser().resolve() if root is not None else None
     train, val, test, *pool = fn(root_path, scan, **options)
+    pool = pool[0] if pool else []
     if labelled_anomalies and not pool:
-        raise ConfigError(f"layout {layout!r} has no anomalous training images to label (its anomalies are all in "
-                          f"val or test); labelled_anomalies needs one of: medmnist, synthetic, chest_xray, oct2017, "
+        raise ConfigError(f"layout {layout!r} found no anomalous training images to label (anomalies outside val "
+                          f"and test); labelled_anomalies needs one of: medmnist, synthetic, chest_xray, oct2017, "
                           f"isic2018, folder (with train_abnormal_dirs)")
-    labelled = pick_labelled(pool[0] if pool else [], labelled_anomalies, seed)
+    labelled = pick_labelled(pool, labelled_anomalies, seed)
     records = SplitRecords(train, val, test, layout=layout, root=str(root_path) if root_path else None, seed=seed,
                            options={**{k: v for k, v in valid.items()}, **options}, labelled=labelled)
     return records, scan.skipped

@@ -66,8 +66,8 @@ class AEFlowGMM(AEFlow):
 
     learns_from_labelled_anomalies = True
 
-    def __init__(self, *, gamma: float = 0.5, unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05,
-                 **aeflow_options):
+    def __init__(self, *, gamma: float = 1.0, unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05,
+                 initial_var: float = 4.0, initial_fraction: float = 0.1, **aeflow_options):
         super().__init__(**aeflow_options)
         for name, value in (("gamma", gamma), ("em_momentum", em_momentum)):
             if not 0.0 <= value <= 1.0:
@@ -82,8 +82,8 @@ class AEFlowGMM(AEFlow):
         channels = self.encoder.out_channels
         # The anomalous component N(mu, diag(var)) and rho, estimated by EM from labelled anomalies.
         self.register_buffer("anomaly_mean", torch.zeros(channels))
-        self.register_buffer("anomaly_var", torch.ones(channels))
-        self.register_buffer("anomaly_fraction", torch.tensor(0.5))
+        self.register_buffer("anomaly_var", torch.full((channels,), float(initial_var)))
+        self.register_buffer("anomaly_fraction", torch.tensor(float(initial_fraction)))
         # True once a training batch held a labelled anomaly; until then every output is AE-FLOW's.
         self.register_buffer("semi_supervised", torch.tensor(False))
         self.register_buffer("posterior_mean", torch.zeros(()))
@@ -109,7 +109,7 @@ class AEFlowGMM(AEFlow):
 
     def posterior_log_odds(self, z_prime: torch.Tensor) -> torch.Tensor:
         """log p(anomalous | z') - log p(normal | z') per image (B,): the logit of the posterior."""
-        ll = self.log_likelihoods(z_prime.float())
+        ll = self.log_likelihoods(z_prime)
         return self.log_prior_odds + ll["anomalous"] - ll["normal"]
 
     # Loss -----------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class AEFlowGMM(AEFlow):
     def calibrate(self, normal_images: Iterable[Batch | torch.Tensor]) -> None:
         """AE-FLOW's calibration, plus the mean and std of `score_posterior` over the same normal images."""
         log_odds: list[torch.Tensor] = []
-        with self._on_latent(lambda z: log_odds.append(self.posterior_log_odds(z).double().cpu())):
+        with self._on_latent(lambda z: log_odds.append(self.posterior_log_odds(z.float()).double().cpu())):
             super().calibrate(normal_images)
         if bool(self.semi_supervised):
             values = torch.cat(log_odds)

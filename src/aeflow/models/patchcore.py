@@ -110,7 +110,8 @@ class PatchCore(AnomalyModel):
     @torch.no_grad()
     def fit(self, loader) -> None:
         """Collect the patches of all training images, then keep a greedy coreset of them."""
-        patches = [self.embed(batch.image.to(self.memory_bank.device)).permute(0, 2, 3, 1).flatten(0, 2) for batch in loader]
+        device = self.memory_bank.device
+        patches = [self.embed(batch.image.to(device)).permute(0, 2, 3, 1).flatten(0, 2) for batch in loader]
         if not patches:
             raise DataError("PatchCore needs training images; the loader was empty")
         bank = torch.cat(patches)

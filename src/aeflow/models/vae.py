@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aeflow.data.sample import Batch
@@ -40,7 +39,8 @@ class VAE(AnomalyModel):
     phantoms: image AUROC 0.72 vs 0.87).
     At prediction the decoder sees the posterior mean (no sampling noise in the map). Scores: the reconstruction
     scores of the AE (mse, topk, ssim), "kl" (KL per latent value) and "elbo" (negative ELBO per image value);
-    `score` picks `pred_score`.
+    `score` picks `pred_score`. Default "topk": on the synthetic lesion phantoms it beat the ELBO (image AUROC
+    0.75-0.80 vs 0.69-0.73 over three seeds), since a small lesion barely moves a whole-image sum.
     """
 
     def __init__(

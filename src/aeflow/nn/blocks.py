@@ -86,7 +86,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the highest `fraction` of each map's values: a small lesion decides the score, one noisy pixel does not."""
+    """Mean of the highest `fraction` of each map's values: a small lesion decides the score, one noisy pixel
+    does not."""
     flat = maps.flatten(1)
     k = max(1, round(fraction * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(1)

@@ -1,0 +1,152 @@
+"""Semi-supervised AE-FLOW (model "aeflow_gmm") on the real PneumoniaMNIST: does a handful of labelled pneumonias help?
+
+For each K labelled pneumonias (drawn with the run's seed from the 3494 pneumonias of the TRAIN split, never
+from val or test) and each seed: fit on the 1214 normal training images + the K labelled ones, choose the
+threshold on the validation split (F1-optimal, 135 normal / 389 pneumonia), report image AUROC and F1 on the
+test split (234 normal / 390 pneumonia). K = 0 is plain AE-FLOW (the model reduces to it exactly). Prints a
+Markdown table (mean +- std over seeds), writes the per-run rows as JSON lines (so a cut-short grid keeps what
+it measured) and a plot.
+
+    python benchmarks/semi_supervised.py --ks 0,5,20,100 --seeds 0,1,2 --epochs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
+#: Score components reported on their own besides the blended image score.
+COMPONENTS = ("score_flow_nll", "score_recon", "score_posterior")
+
+
+def scores_of(model, dataset, batch_size: int = 64) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    from torch.utils.data import DataLoader
+
+    from aeflow.data import collate
+
+    parts: dict[str, list[np.ndarray]] = {}
+    labels = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        out = model.predict(batch.image)
+        for key, value in out.items():
+            if key == "pred_score" or key.startswith("score_"):
+                parts.setdefault(key, []).append(value.numpy())
+        labels.append(batch.label.numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}, np.concatenate(labels)
+
+
+def run_one(args, k: int, seed: int) -> dict:
+    from aeflow.data import load_data
+    from aeflow.evaluation import evaluate, make_rule
+    from aeflow.training import load_run, train
+
+    data = load_data("medmnist", NPZ, image_size=args.size, seed=seed, labelled_anomalies=k)
+    model_kwargs = {"backbone": "efficientnet_lite0", "freeze_encoder": True, "flow_steps": args.flow_steps,
+                    "subnet": "conv", "decoder_widths": [64, 32, 16], **json.loads(args.model_kwargs)}
+    config = {"model": "aeflow_gmm", "model_kwargs": model_kwargs, "image_size": args.size, "seed": seed,
+              "max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "progress_bar": False,
+              "data": {"layout": "medmnist", "root": str(NPZ)}, "labelled_anomalies": k}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load_run(train(config, Path(tmp) / "run", data=data))
+    trained = time.perf_counter()
+    val_scores, val_labels = scores_of(model, data.val)
+    test_scores, test_labels = scores_of(model, data.test)
+    threshold = make_rule("f1_optimal").fit(val_scores["pred_score"], val_labels)
+    metrics = evaluate(test_scores["pred_score"], test_labels, threshold, with_test_oracle=False,
+                       component_scores={c: test_scores[c] for c in COMPONENTS if c in test_scores})
+    row = {"K": k, "seed": seed, "image_AUROC": metrics["image_AUROC"], "image_F1": metrics["image_F1"],
+           **{f"AUROC_{c.removeprefix('score_')}": metrics[f"component/{c}/image_AUROC"]
+              for c in COMPONENTS if c in test_scores},
+           "train_seconds": round(trained - started, 1), "test_seconds": round(time.perf_counter() - trained, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    keys = ["image_AUROC", "image_F1", "AUROC_flow_nll", "AUROC_recon", "AUROC_posterior"]
+    lines = ["| K labelled | seeds | " + " | ".join(keys) + " | train s/run |",
+             "|---:|---:|" + "---:|" * len(keys) + "---:|"]
+    for k in sorted({r["K"] for r in rows}):
+        group = [r for r in rows if r["K"] == k]
+        cells = []
+        for key in keys:
+            values = [r[key] for r in group if key in r]
+            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
+        train_s = np.mean([r["train_seconds"] for r in group])
+        lines.append(f"| {k} | {len(group)} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({r["K"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in ((axes[0], "image_AUROC", "test image AUROC"), (axes[1], "image_F1", "test F1 (val threshold)")):
+        for r in rows:
+            ax.scatter(ks.index(r["K"]), r[key], color="grey", s=12, zorder=2)
+        means = [np.mean([r[key] for r in rows if r["K"] == k]) for k in ks]
+        stds = [np.std([r[key] for r in rows if r["K"] == k]) for k in ks]
+        ax.errorbar(range(len(ks)), means, yerr=stds, marker="o", capsize=4, zorder=3)
+        ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_xlabel("labelled pneumonias K")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.suptitle("AE-FLOW + Gaussian-mixture prior on PneumoniaMNIST (mean ± std over seeds; dots: runs)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", default="0,5,20,100")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--flow-steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of extra aeflow_gmm arguments")
+    parser.add_argument("--rows", default=str(ROOT / "runs" / "semi_supervised.jsonl"),
+                        help="JSON-lines file the per-run rows are appended to")
+    parser.add_argument("--from-rows", action="store_true", help="only rebuild the table and plot from --rows")
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "semi_supervised.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    import aeflow.models.aeflow_gmm  # noqa: F401  registers "aeflow_gmm"
+
+    rows_path = Path(args.rows)
+    if not args.from_rows:
+        if not NPZ.is_file():
+            sys.exit(f"PneumoniaMNIST not found at {NPZ}")
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for k in [int(k) for k in args.ks.split(",")]:
+                row = run_one(args, k, seed)
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    print(table(rows))
+    plot(rows, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
