@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -151,16 +150,6 @@ def test_empty_masks_give_undefined_pixel_metrics_with_a_reason():
     m = pixel_metrics(np.random.default_rng(0).random((3, 8, 8)), np.zeros((3, 8, 8)))
     assert all(math.isnan(m[k]) for k in ("pixel_AUROC", "pixel_AUPRO", "pixel_Dice"))
     assert "no anomalous pixel" in m["pixel_undefined_reason"]
-
-
-def test_pixel_metrics_are_fast_for_200_maps_of_256(blob_masks):
-    rng = np.random.default_rng(5)
-    masks = blob_masks(rng, 200, 256, 100)
-    maps = ndimage.uniform_filter(masks, (1, 5, 5)) + rng.standard_normal(masks.shape, dtype=np.float32) * 0.3
-    start = time.perf_counter()
-    m = pixel_metrics(maps, masks)
-    assert time.perf_counter() - start < 30  # 3-6 s on 2 CPU cores
-    assert 0.5 < m["pixel_AUPRO"] < 1 and 0.5 < m["pixel_AUROC"] < 1
 
 
 def test_evaluate_collects_every_metric(split, blob_masks):
