@@ -124,6 +124,7 @@ def train(
     freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder/--train-encoder", help="Keep the pretrained encoder fixed, or fine-tune it."),
     subnet: Optional[str] = typer.Option(None, "--subnet", help="Flow coupling network: conv or resnet."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="List unreadable files in the run folder and go on."),
+    labelled_anomalies: int = typer.Option(0, "--labelled-anomalies", min=0, help="Semi-supervised (--model aeflow_gmm): take K labelled anomalous images from the training pool (never from val/test), chosen with the seed and recorded in the run."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the named folder from its last checkpoint."),
 ):
     """Train a model on normal images and save a run folder (config, split lists, checkpoints, curves, log)."""
@@ -136,6 +137,8 @@ def train(
         devices=int(devices) if devices.isdigit() else devices, backbone=backbone, weights=weights,
         freeze_encoder=freeze_encoder, subnet=subnet, skip_bad=skip_bad,
     )
+    if labelled_anomalies:
+        values["labelled_anomalies"] = labelled_anomalies
     run_dir = runs / (name or f"{model}-{data}-s{seed}")
     with user_errors():
         train_run(values, run_dir, resume=resume)

@@ -113,6 +113,8 @@ def test_options_are_checked():
         small_gmm(gamma=1.5)
     with pytest.raises(ConfigError, match="unlabelled_anomaly_prior"):
         small_gmm(unlabelled_anomaly_prior=0.0)
+    with pytest.raises(ConfigError, match="initial_var"):
+        small_gmm(initial_var=0.5)
 
 
 # --- data: the labelled training pool ---------------------------------------------------------------------------
@@ -204,11 +206,12 @@ def test_training_records_the_labelled_anomalies(tmp_path):
         train(tiny_config(labelled_anomalies=0), tmp_path / "mismatch", data=synthetic(labelled_anomalies=2))
 
 
-# A frozen EfficientNet-Lite0 (real ImageNet weights) with 4 flow steps on 128-px phantoms with high-contrast lesions
-# (difficulty 0), as in test_aeflow's tiny model but with fewer epochs, trained twice with the same seed and budget:
-# without labels, and with 20 labelled lesion phantoms (2 in every batch of 16). Measured test AUROC (100 + 100
-# images), K = 0 -> K = 20: MEASURED. The gain is several times the AUROC's standard error for a paired
-# comparison, so GAIN is passed by real learning from the labels, not by noise.
+# A frozen EfficientNet-Lite0 (real ImageNet weights) with 4 flow steps on 96 normal 64-px phantoms with high-contrast
+# lesions (difficulty 0), trained 8 epochs twice with the same seed and budget: without labels, and with 20 labelled
+# lesion phantoms from the training pool (2 in every batch of 16). Test AUROC on 200 phantoms (half with a lesion),
+# measured K = 0 -> K = 20: 0.743 -> 0.820 (seed 0, what this test runs), 0.719 -> 0.813 (seed 1), 0.769 -> 0.859
+# (seed 2). The standard error of a paired AUROC difference at 100 + 100 images is about 0.03, and the three seeds
+# gained 0.077 to 0.094, so a gain of at least GAIN is passed by learning from the labels, not by noise.
 GAIN = 0.05
 
 
@@ -216,12 +219,12 @@ GAIN = 0.05
 def test_twenty_labelled_lesions_raise_the_auroc(tmp_path):
     from aeflow.training import load_run, train
 
-    data_options = {"layout": "synthetic", "n_train": 64, "n_val": 16, "n_test": 200, "difficulty": 0.0, "size": 128}
-    config = {"model": "aeflow_gmm", "image_size": 128, "batch_size": 16, "lr": 2e-3, "max_epochs": 6,
+    data_options = {"layout": "synthetic", "n_train": 96, "n_val": 16, "n_test": 200, "difficulty": 0.0, "size": 64}
+    config = {"model": "aeflow_gmm", "image_size": 64, "batch_size": 16, "lr": 2e-3, "max_epochs": 8,
               "progress_bar": False, "data": data_options,
               "model_kwargs": {"backbone": "efficientnet_lite0", "flow_steps": 4, "subnet": "conv",
                                "decoder_widths": [64, 32, 16]}}
-    test = collate(list(load_data(image_size=128, seed=0, **data_options).test))
+    test = collate(list(load_data(image_size=64, seed=0, **data_options).test))
     auroc = {}
     for k in (0, 20):
         model, _ = load_run(train({**config, "labelled_anomalies": k}, tmp_path / f"k{k}"))
