@@ -20,6 +20,9 @@ What each run adds to its folder (`benchmark.json`), besides `metrics.json`:
 A finished run folder is reused when its stored training config equals the one asked for, so an interrupted
 benchmark continues where it stopped. The leaderboard (mean ± sample std over seeds, sorted by image AUROC) is
 written as leaderboard.md, leaderboard.csv, leaderboard.html (one self-contained page) and leaderboard.json.
+
+Spawned processes import the calling script again: a script that calls `run_benchmark` needs the usual
+`if __name__ == "__main__":` guard (the command line and pytest need nothing).
 """
 
 from __future__ import annotations
@@ -38,12 +41,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from aeflow.cli_errors import user_errors
 from aeflow.errors import ConfigError
-from aeflow.evaluation.metrics import _jsonable, aggregate
 
 log = logging.getLogger("aeflow.evaluation.leaderboard")
 
@@ -112,20 +113,23 @@ def run_benchmark(
                        "image_size": image_size, "channels": channels, "progress_bar": False}
         for name, spec in entries.items() for seed in seeds
     }
+    import torch
+
     from aeflow.training import TrainConfig
 
     for config in configs.values():  # every mistake in a config shows before hours of training
         TrainConfig.from_dict(config)
     threads = torch.get_num_threads()
+    threshold = {"rule": threshold_rule, "params": threshold_params or {}}
     for (name, seed), config in configs.items():
         run_dir = out_dir / f"{name}-s{seed}"
-        if _finished(run_dir, config):
-            log.info("%s: finished earlier with the same config, reused", run_dir)
+        if _finished(run_dir, config, threshold):
+            log.info("%s: finished earlier with the same config and threshold rule, reused", run_dir)
             continue
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"{run_dir} holds an unfinished run or one with another config: remove it and "
                               f"run the benchmark again")
-        job = (config, str(run_dir), threshold_rule, threshold_params, threads)
+        job = (config, str(run_dir), threshold, threads)
         if isolate:
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 record = pool.submit(run_one, *job).result()
@@ -138,9 +142,12 @@ def run_benchmark(
     return out_dir
 
 
-def run_one(config: dict, run_dir: str, rule: str | None, rule_params: dict | None, threads: int) -> dict:
-    """Train, evaluate and time one (model, seed) into `run_dir`; writes and returns its benchmark.json record
-    (with the image AUROC, for the progress log). Module-level, so that a spawned process can run it."""
+def run_one(config: dict, run_dir: str, threshold: dict, threads: int) -> dict:
+    """Train, evaluate (with threshold {"rule", "params"}) and time one (model, seed) into `run_dir`; writes and
+    returns its benchmark.json record (with the image AUROC, for the progress log). Module-level, so that a
+    spawned process can run it."""
+    import torch
+
     from aeflow.evaluation.assess import evaluate_run
     from aeflow.training import train
 
@@ -149,13 +156,14 @@ def run_one(config: dict, run_dir: str, rule: str | None, rule_params: dict | No
     started = time.perf_counter()
     train(config, run_dir)
     fit_seconds = time.perf_counter() - started
-    metrics = evaluate_run(run_dir, rule=rule, rule_params=rule_params)
+    metrics = evaluate_run(run_dir, rule=threshold["rule"], rule_params=threshold["params"])
     model_config = json.loads((run_dir / "config.json").read_text())["model_config"]
     record = {
         "fit_seconds": fit_seconds,
         "test_images_per_second": _test_images_per_second(run_dir),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
         "threads": threads,
+        "threshold": threshold,
         "splits_sha256": hashlib.sha256((run_dir / "splits.json").read_bytes()).hexdigest(),
         "backbone": model_config.get("backbone"),
         "pretrained": _pretrained(model_config),
@@ -167,6 +175,8 @@ def run_one(config: dict, run_dir: str, rule: str | None, rule_params: dict | No
 def write_leaderboard(out_dir: str | Path, names: list[str], seeds: list[int], *, isolated: bool = True) -> dict:
     """Aggregate the finished runs `out_dir/<name>-s<seed>` into leaderboard.{md,csv,html,json}; returns the
     JSON document (rows sorted by mean image AUROC, best first)."""
+    from aeflow.evaluation.metrics import _jsonable, aggregate
+
     out_dir = Path(out_dir)
     runs = {name: [_read_run(out_dir / f"{name}-s{seed}") for seed in seeds] for name in names}
     rows, digests, setups = [], {}, {}
@@ -306,15 +316,16 @@ def _entries(models: list[str | dict], model_kwargs: dict[str, dict]) -> dict[st
     return entries
 
 
-def _finished(run_dir: Path, config: dict) -> bool:
-    """Whether `run_dir` holds a finished benchmark run trained with exactly `config`."""
+def _finished(run_dir: Path, config: dict, threshold: dict) -> bool:
+    """Whether `run_dir` holds a finished benchmark run trained with exactly `config` and evaluated with
+    `threshold`."""
     from aeflow.training import TrainConfig
 
     if not all((run_dir / name).is_file() for name in (RUN_FILE, "metrics.json", "config.json")):
         return False
     stored = json.loads((run_dir / "config.json").read_text())["train"]
     wanted = json.loads(json.dumps(dataclasses.asdict(TrainConfig.from_dict(config)), default=str))
-    return stored == wanted
+    return stored == wanted and json.loads((run_dir / RUN_FILE).read_text()).get("threshold") == threshold
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict, dict]:
