@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 
 from aeflow.cli_errors import user_errors
+from aeflow.evaluation.leaderboard import benchmark_command
 from aeflow.serving.commands import register as register_serving_commands
 
 app = typer.Typer(
@@ -208,6 +209,7 @@ def list_models():
         typer.echo(name)
 
 
+app.command("benchmark")(benchmark_command)
 register_serving_commands(app)
 
 
