@@ -175,7 +175,7 @@ def run_one(config: dict, run_dir: str, threshold: dict, threads: int) -> dict:
 def write_leaderboard(out_dir: str | Path, names: list[str], seeds: list[int], *, isolated: bool = True) -> dict:
     """Aggregate the finished runs `out_dir/<name>-s<seed>` into leaderboard.{md,csv,html,json}; returns the
     JSON document (rows sorted by mean image AUROC, best first)."""
-    from aeflow.evaluation.metrics import _jsonable, aggregate
+    from aeflow.evaluation.metrics import strict_json, aggregate
 
     out_dir = Path(out_dir)
     runs = {name: [_read_run(out_dir / f"{name}-s{seed}") for seed in seeds] for name in names}
@@ -208,7 +208,7 @@ def write_leaderboard(out_dir: str | Path, names: list[str], seeds: list[int], *
         "rows": rows,
     }
     columns = [c for c in COLUMNS if not c.pixel or any(row["stats"].get(c.key, {}).get("n") for row in rows)]
-    (out_dir / "leaderboard.json").write_text(json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n")
+    (out_dir / "leaderboard.json").write_text(json.dumps(strict_json(document), indent=2, allow_nan=False) + "\n")
     (out_dir / "leaderboard.md").write_text(_markdown(document, columns))
     (out_dir / "leaderboard.html").write_text(_html(document, columns))
     with (out_dir / "leaderboard.csv").open("w", newline="") as f:

@@ -236,12 +236,12 @@ def aggregate(metric_dicts: Sequence[Mapping[str, object]]) -> dict[str, dict]:
     }
 
 
-def _jsonable(value):
+def strict_json(value):
     """JSON without NaN/Infinity tokens: NaN (undefined) -> null, +-inf -> "inf"/"-inf"."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [strict_json(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -269,7 +269,7 @@ def _write(table: Mapping[str, object], out_dir, stem: str, header: list[str], r
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    json_path.write_text(json.dumps(_jsonable(table), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(strict_json(table), indent=2, allow_nan=False) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
