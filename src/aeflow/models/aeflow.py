@@ -169,6 +169,7 @@ class AEFlow(AnomalyModel):
         score_recon: the paper's -SSIM(x, x').
         map_residual / map_flow (B x H x W): smoothed |x - x'| averaged over channels / the per-position
         NLL of z' up-sampled to the image.
+        reconstruction: x' itself, for the report's gallery.
         """
         x = images.float()
         z_prime, _, x_rec = self(x)
@@ -182,6 +183,7 @@ class AEFlow(AnomalyModel):
             "score_flow_nll": -mean_log_p,
             "map_residual": gaussian_blur((x - x_rec).abs().mean(1), sigma),
             "map_flow": gaussian_blur(flow_map[:, 0], sigma),
+            "reconstruction": x_rec,
         }
 
     @torch.no_grad()
