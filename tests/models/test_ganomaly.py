@@ -1,0 +1,95 @@
+"""GANomaly: shapes, config round trip, the separation of the two players' gradients, and training on phantoms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_baselines import as_batch, auroc, phantom_split, train
+
+from aeflow.errors import ConfigError, DataError
+from aeflow.models import create_model
+from aeflow.models.ganomaly import GANomaly
+
+TINY = dict(widths=(8, 16), latent_channels=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_outputs_have_the_input_size_and_are_finite(channels):
+    torch.manual_seed(0)
+    model = GANomaly(in_channels=channels, **TINY)
+    for size in (32, 48):
+        images = torch.rand(3, channels, size, size)
+        losses = model.train().loss(as_batch(images))
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        out = model.eval().predict(images)
+        assert out["anomaly_map"].shape == (3, size, size)
+        for key in ("pred_score", "score_latent", "score_residual"):
+            assert out[key].shape == (3,) and torch.isfinite(out[key]).all(), key
+        torch.testing.assert_close(out["pred_score"], out["score_latent"])
+    with pytest.raises(DataError, match="multiple of 4"):
+        model.predict(torch.rand(1, channels, 30, 30))
+
+
+def test_config_rebuilds_the_same_model():
+    torch.manual_seed(0)
+    model = train(GANomaly(**TINY), torch.rand(8, 1, 32, 32), steps=3, lr=1e-3)
+    rebuilt = create_model("ganomaly", **model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.rand(4, 1, 32, 32)
+    expected, got = model.eval().predict(images), rebuilt.eval().predict(images)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+
+
+def test_each_player_loss_reaches_only_its_own_parameters():
+    """loss_D must not move the generator, and loss_G (its adversarial term included) must not move D; the
+    adversarial term must still reach the generator through D, or feature matching would do nothing."""
+    torch.manual_seed(0)
+    model = GANomaly(**TINY).train()
+    generator = [p for name, p in model.named_parameters() if not name.startswith("discriminator.")]
+    discriminator = list(model.discriminator.parameters())
+    losses = model.loss(as_batch(torch.rand(4, 1, 32, 32)))
+
+    def grads(loss, params):
+        return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+    assert all(g is None for g in grads(losses["loss_d"], generator))
+    assert all(g is None for g in grads(losses["loss_g"], discriminator))
+    assert all(g is None for g in grads(losses["adversarial"], discriminator))
+    decoder_grads = grads(losses["adversarial"], list(model.decoder.parameters()))
+    assert sum(g.abs().sum() for g in decoder_grads if g is not None) > 0
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(losses["loss_d"], discriminator))
+
+
+def test_invalid_options_are_refused():
+    with pytest.raises(ConfigError, match="in_channels"):
+        GANomaly(in_channels=2)
+    with pytest.raises(ConfigError, match="weights"):
+        GANomaly(w_con=-1)
+
+
+def test_trains_on_synthetic_phantoms_and_localises_lesions():
+    """Honest scope: GANomaly's own image score |z - z'|^2 is not reliable at a test-sized budget. Measured on these
+    phantoms (20 normal vs 20 lesion test images, widths 16-32-64, latent 4 or 8 channels, lr 2e-3 or 5e-3, 200 or 400
+    Adam steps, seeds 0 and 1) its image AUROC was 0.43-0.67, within about two null standard deviations (0.092) of
+    chance, so no image bound is asserted.
+    What the generator does learn is to reconstruct normal anatomy: its residual map localises the lesions (pixel AUROC
+    0.96-0.98 measured), which is held to the same 0.75 pixel bound as the other baselines (about 16k pixels, so
+    chance-level pixel AUROC has a tiny spread)."""
+    data = phantom_split(32)
+    torch.manual_seed(0)
+    model = train(GANomaly(widths=(16, 32, 64), latent_channels=4, blur_sigma=1.0), data["train"], steps=200, lr=2e-3)
+    out = model.predict(data["test"])
+    lesion = data["label"] == 1
+    pixel_auroc = auroc(data["mask"][lesion].flatten(), out["anomaly_map"][lesion].flatten())
+    image_auroc = auroc(data["label"], out["pred_score"])
+    print(f"ganomaly: image AUROC (latent) {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
+    assert pixel_auroc >= 0.75, f"ganomaly pixel AUROC {pixel_auroc:.3f}"
