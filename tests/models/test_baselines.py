@@ -30,14 +30,6 @@ from aeflow.nn.blocks import FeatureStages
 N_TEST = 20  # per class
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """pytest-xdist runs two workers on two cores: more torch threads per worker only contend for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @functools.lru_cache(maxsize=4)
 def phantom_split(size: int, channels: int = 1) -> dict[str, torch.Tensor]:

@@ -30,13 +30,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def auroc(labels: torch.Tensor, scores: torch.Tensor) -> float:
     return float(roc_auc_score(labels.numpy(), scores.numpy()))

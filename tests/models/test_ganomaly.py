@@ -13,13 +13,6 @@ from aeflow.models.ganomaly import GANomaly
 TINY = dict(widths=(8, 16), latent_channels=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_outputs_have_the_input_size_and_are_finite(channels):
