@@ -32,10 +32,11 @@ N_TEST = 20  # per class
 
 
 @functools.lru_cache(maxsize=4)
-def phantom_split(size: int, channels: int = 1) -> dict[str, torch.Tensor]:
-    """The built-in synthetic brain phantoms: 64 normal training images, 20 normal + 20 lesion test images."""
-    data = load_data("synthetic", None, image_size=size, channels=channels, size=size, n_train=64, n_val=0,
-                     n_test=2 * N_TEST, difficulty=0.0, seed=0)
+def phantom_split(size: int, channels: int = 1, n_train: int = 64, n_test: int = N_TEST) -> dict[str, torch.Tensor]:
+    """The built-in synthetic brain phantoms: `n_train` normal training images (64 unless a method needs more),
+    `n_test` normal + `n_test` lesion test images (subjects after the training ones)."""
+    data = load_data("synthetic", None, image_size=size, channels=channels, size=size, n_train=n_train, n_val=0,
+                     n_test=2 * n_test, difficulty=0.0, seed=0)
     train, test = collate(list(data.train)), collate(list(data.test))
     return {"train": train.image, "test": test.image, "label": test.label, "mask": test.mask}
 

@@ -62,10 +62,17 @@ class FastFlow(AnomalyModel):
         )
 
     def forward(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(z, log|det dz/df|) per scale."""
+        """(z, log|det dz/df^|) per scale, f^ the features normalised without the norm's affine."""
         with torch.no_grad():
             stages = self.features(images)
-        return [flow(norm(f)) for f, norm, flow in zip(stages, self.norms, self.flows)]
+        out = []
+        for f, norm, flow in zip(stages, self.norms, self.flows):
+            z, log_det = flow(norm(f))
+            # The norm's per-channel scale is the flow's first layer: without its log-determinant, training lowers
+            # the loss by shrinking that scale towards zero (the flow is then rewarded for expanding the collapsed
+            # features) instead of learning the features' density.
+            out.append((z, log_det + f[0, 0].numel() * norm.weight.abs().log().sum()))
+        return out
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         per_scale = [
