@@ -3,8 +3,10 @@
 The bound: image AUROC >= 0.7 on 20 normal vs 20 anomalous test images. Under the null (scores unrelated to the
 label) AUROC for 20 vs 20 has mean 0.5 and standard deviation sqrt((n0 + n1 + 1) / (12 n0 n1)) = 0.092, so 0.7 is
 more than two standard deviations above chance: a model that learned nothing fails it about 1.5% of the time, and the
-fixed seeds make each run deterministic. Pixel AUROC on the lesion masks is checked too. FastFlow is the exception
-(see its test). The lesion phantoms are the built-in synthetic data set at difficulty 0 (largest, clearest lesions):
+fixed seeds make each run deterministic. A method whose true image AUROC at a test budget is only ~0.75-0.85 (DRAEM
+here, DifferNet in test_cflow_differnet) is tested on 50 vs 50 images instead, where the sampling spread of the
+statistic is smaller (null sd 0.058, so 0.7 is 3.4 sd above chance). Pixel AUROC on the lesion masks is checked too.
+The lesion phantoms are the built-in synthetic data set at difficulty 0 (largest, clearest lesions):
 these tests check that each method works, they are not a benchmark.
 """
 
@@ -31,7 +33,7 @@ N_TEST = 20  # per class
 
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def phantom_split(size: int, channels: int = 1, n_train: int = 64, n_test: int = N_TEST) -> dict[str, torch.Tensor]:
     """The built-in synthetic brain phantoms: `n_train` normal training images (64 unless a method needs more),
     `n_test` normal + `n_test` lesion test images (subjects after the training ones)."""
@@ -80,30 +82,34 @@ def auroc(labels: torch.Tensor, scores: torch.Tensor) -> float:
 
 
 slow = pytest.mark.slow
-# (name, constructor kwargs, image size, Adam steps, learning rate, image AUROC bound). Backbone methods use
-# EfficientNet-Lite0, whose real ImageNet weights ship in a pip package (offline); sizes are the smallest at which
-# each method's feature stride still resolves the lesions. Steps: the fewest that cleared the bound with a margin
+# (name, constructor kwargs, image size, Adam steps, learning rate, image AUROC bound, test images per class).
+# Backbone methods use EfficientNet-Lite0, whose real ImageNet weights ship in a pip package (offline); sizes are the
+# smallest at which each method's feature stride still resolves the lesions. Steps: the fewest that cleared the bound with a margin
 # (AE 0.80-0.83, VAE 0.75-0.80, ceVAE 0.77-0.82 over three seeds).
 METHODS = [
-    pytest.param("ae", dict(widths=(16, 32, 64), latent_channels=4, blur_sigma=1.0), 32, 300, 5e-3, 0.7, id="ae",
-                 marks=slow),
-    pytest.param("vae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, 300, 5e-3, 0.7, id="vae",
-                 marks=slow),
-    pytest.param("cevae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, 300, 5e-3, 0.7,
+    pytest.param("ae", dict(widths=(16, 32, 64), latent_channels=4, blur_sigma=1.0), 32, 300, 5e-3, 0.7, N_TEST,
+                 id="ae", marks=slow),
+    pytest.param("vae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, 300, 5e-3, 0.7, N_TEST,
+                 id="vae", marks=slow),
+    pytest.param("cevae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, 300, 5e-3, 0.7, N_TEST,
                  id="cevae", marks=slow),
-    pytest.param("padim", dict(backbone="efficientnet_lite0", n_features=100), 64, 0, 0.0, 0.7, id="padim"),
-    pytest.param("patchcore", dict(backbone="efficientnet_lite0", coreset_ratio=0.1), 128, 0, 0.0, 0.7,
+    pytest.param("padim", dict(backbone="efficientnet_lite0", n_features=100), 64, 0, 0.0, 0.7, N_TEST, id="padim"),
+    pytest.param("patchcore", dict(backbone="efficientnet_lite0", coreset_ratio=0.1), 128, 0, 0.0, 0.7, N_TEST,
                  id="patchcore"),
-    # DRAEM's segmentation only starts to work after ~350 steps, and its image score (the maximum of the smoothed
-    # segmentation) still swings between 0.4 and 0.85 from one checkpoint to the next at this budget (measured): only
-    # the pixel-level segmentation, which is DRAEM's direct output, is held to a bound.
-    pytest.param("draem", dict(base_width=16, score_window=5), 32, 400, 2e-3, None, id="draem", marks=slow),
+    # DRAEM: every training image gets a simulated anomaly (anomaly_probability=1; the paper's 0.5 halves the
+    # segmentation's training signal), so after 300 steps its image score (the maximum of the 5 x 5 mean-filtered
+    # segmentation) gives 0.85 / 0.76 / 0.75 (seeds 0 / 1 / 2) on 50 vs 50 test images, ~30 s each; pixel AUROC
+    # 0.96. Its true image AUROC at this budget is ~0.8 (0.78-0.85 on a separate draw of 100 vs 100), and 20 vs 20
+    # test images (sd ~0.07 around that) gave 0.72-0.83, too close to the bound; hence 50 vs 50. The former test
+    # configuration (base_width 16, paper's probability 0.5, 400 steps, ~55 s) gave 0.60 / 0.81 / 0.85.
+    pytest.param("draem", dict(base_width=8, score_window=5, anomaly_probability=1.0), 32, 300, 2e-3, 0.7, 50,
+                 id="draem", marks=slow),
 ]
 
 
-@pytest.mark.parametrize(("name", "kwargs", "size", "steps", "lr", "image_bound"), METHODS)
-def test_method_separates_synthetic_lesions(name, kwargs, size, steps, lr, image_bound):
-    data = phantom_split(size)
+@pytest.mark.parametrize(("name", "kwargs", "size", "steps", "lr", "image_bound", "n_test"), METHODS)
+def test_method_separates_synthetic_lesions(name, kwargs, size, steps, lr, image_bound, n_test):
+    data = phantom_split(size, n_test=n_test)
     torch.manual_seed(0)  # the initial weights too, so the result does not depend on which tests ran before
     model = train(create_model(name, **kwargs), data["train"], steps=steps, lr=lr)
     out = model.predict(data["test"])
@@ -119,8 +125,7 @@ def test_method_separates_synthetic_lesions(name, kwargs, size, steps, lr, image
     lesion = data["label"] == 1
     pixel_auroc = auroc(data["mask"][lesion].flatten(), out["anomaly_map"][lesion].flatten())
     print(f"{name}: image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
-    if image_bound is not None:
-        assert image_auroc >= image_bound, f"{name} image AUROC {image_auroc:.3f}"
+    assert image_auroc >= image_bound, f"{name} image AUROC {image_auroc:.3f}"
     # ~16k lesion-image pixels: chance-level pixel AUROC has a tiny spread, so 0.75 is far from it.
     assert pixel_auroc >= 0.75, f"{name} pixel AUROC {pixel_auroc:.3f}"
 
@@ -133,11 +138,14 @@ def test_method_separates_synthetic_lesions(name, kwargs, size, steps, lr, image
 
 
 @slow
-def test_fastflow_learns_the_density_of_normal_features():
-    """FastFlow's image AUROC on these phantoms is not reliable yet (0.66-0.77 over three seeds after 150 steps,
-    lower after longer training), so this checks what it does learn: held-out normal images become more likely,
-    and lesion images stay less likely than normal ones."""
-    data = phantom_split(64)
+def test_fastflow_learns_the_density_of_normal_features_and_separates_lesions():
+    """FastFlow at 128 px (at 64 px its stride-8 and -16 maps are 8 x 8 and 4 x 4, too coarse for the lesions):
+    held-out normal images become more likely, lesion images stay less likely, and the anomaly map separates them.
+    Measured (flow_steps 4, 100 Adam steps at lr 5e-3, ~35 s): image AUROC 0.83 / 0.85 / 0.76 for seeds 0 / 1 / 2
+    (0.84-0.88 on a separate draw of 100 vs 100), pixel AUROC 0.94-0.95. Before the norm's log-determinant was
+    counted in the likelihood (see aeflow.models.fastflow) the loss fell by collapsing the norm's scale and the image
+    AUROC was 0.66-0.77 at 64 px, lower after longer training."""
+    data = phantom_split(128)
     normal, lesion = data["test"][data["label"] == 0], data["test"][data["label"] == 1]
     torch.manual_seed(0)
     model = FastFlow(backbone="efficientnet_lite0", flow_steps=4)
@@ -147,12 +155,18 @@ def test_fastflow_learns_the_density_of_normal_features():
             return float(model.eval().loss(as_batch(images))["loss"])
 
     before = nll(normal)
-    train(model, data["train"], steps=150, lr=2e-3)
+    train(model, data["train"], steps=100, lr=5e-3)
     after_normal, after_lesion = nll(normal), nll(lesion)
+    out = model.predict(data["test"])
+    assert out["anomaly_map"].shape == (len(data["test"]), 128, 128) and torch.isfinite(out["anomaly_map"]).all()
+    image_auroc = auroc(data["label"], out["pred_score"])
+    pixel_auroc = auroc(data["mask"][data["label"] == 1].flatten(), out["anomaly_map"][data["label"] == 1].flatten())
+    print(f"fastflow: NLL normal {before:.3f} -> {after_normal:.3f}, lesion {after_lesion:.3f}; "
+          f"image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
     assert after_normal < before - 0.3, (before, after_normal)
     assert after_normal < after_lesion, (after_normal, after_lesion)
-    out = model.predict(data["test"])
-    assert out["anomaly_map"].shape == (len(data["test"]), 64, 64) and torch.isfinite(out["anomaly_map"]).all()
+    assert image_auroc >= 0.7, image_auroc
+    assert pixel_auroc >= 0.75, pixel_auroc
 
 
 def test_padim_inverse_covariances_are_inverses():
