@@ -1,14 +1,19 @@
 """CFlow-AD and DifferNet on the synthetic phantoms (EfficientNet-Lite0, real packaged weights, offline).
 
-Measured at these budgets (64 px, 64 training images, 20 normal vs 20 lesion test images, seeds 0-2):
-- CFlow, 4 steps per scale, 60 Adam steps: pixel AUROC 0.88-0.89 but image AUROC (max of the map) only
-  0.63-0.68. Like DRAEM in test_baselines, only the localisation is held to a bound (0.75; ~16k lesion-image
-  pixels, so chance-level pixel AUROC has a tiny spread); the image AUROC is printed, not asserted.
-- DifferNet, 4 steps, 60 Adam steps, 4 test transforms: image AUROC 0.70-0.74. Its gradient map does NOT localise
-  the lesions here (pixel AUROC 0.38-0.44: the gradient is largest at the brain's outline), so it is not asserted.
-  The bound asserted is 0.65: under the null, AUROC for 20 vs 20 has sd 0.092, so 0.65 is 1.6 sd above chance
-  (a model that learned nothing passes about 5% of the time), and the fixed seeds make the run deterministic. The
-  likelihood itself is checked too: held-out normal NLL drops with training and stays below the lesion NLL.
+Both are held to the image AUROC bound of test_baselines (0.7, justified there). Measured at these budgets, seeds
+0 / 1 / 2 (torch and numpy, see seed_all), one thread:
+- CFlow, 128 px, 4 steps per scale, 80 Adam steps at lr 2e-3 (~25 s): image AUROC (max of the map) 0.81 / 0.79 /
+  0.86 on 20 vs 20 (0.89-0.90 on a separate draw of 100 vs 100), pixel AUROC 0.95-0.96. At 64 px the stride-8 and
+  -16 maps (8 x 8, 4 x 4) are too coarse for the lesions: image AUROC 0.61-0.68, so only the pixel AUROC was held
+  to a bound before.
+- DifferNet, 64 px, the paper's 8 flow steps, all 8 dihedral test transforms, 256 training images, 120 Adam steps at
+  lr 2e-3 (~25 s): image AUROC 0.77 / 0.85 / 0.87 on 50 vs 50 test images (0.83-0.84 on a separate draw of 100 vs
+  100). DifferNet scores a global descriptor (pooled features), in which a lesion is a small change: with 64
+  training images the flow overfits (0.68-0.73, falling with training), and its true AUROC (~0.8) on 20 vs 20
+  images spread 0.70-0.82 over seeds, too close to the bound, hence the larger training and test sets (null sd
+  0.058 for 50 vs 50). Its gradient map does NOT localise the lesions here (pixel AUROC 0.40-0.45: the gradient is
+  largest at the brain's outline), so it is not asserted. The likelihood itself is checked too: held-out normal
+  NLL drops with training and stays below the lesion NLL.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from test_baselines import as_batch, phantom_split, train
+from test_baselines import as_batch, phantom_split, seed_all, train
 
 from aeflow.errors import ConfigError
 from aeflow.models import create_model
@@ -26,7 +31,7 @@ from aeflow.models.differnet import dihedral
 
 SMALL = {
     "cflow": dict(backbone="efficientnet_lite0", flow_steps=4, positions_per_step=1024),
-    "differnet": dict(backbone="efficientnet_lite0", flow_steps=4, test_transforms=4),
+    "differnet": dict(backbone="efficientnet_lite0", flow_steps=8, test_transforms=8),
 }
 
 
@@ -45,22 +50,24 @@ def check_outputs_and_rebuild(name: str, model, images: torch.Tensor, out: dict)
     torch.testing.assert_close(again["pred_score"], out["pred_score"][:4], rtol=1e-4, atol=1e-5)
 
 
-def test_cflow_localises_synthetic_lesions():
-    data = phantom_split(64)
-    torch.manual_seed(0)
-    model = train(create_model("cflow", **SMALL["cflow"]), data["train"], steps=60, lr=2e-3)
+def test_cflow_separates_and_localises_synthetic_lesions():
+    data = phantom_split(128)
+    seed_all(0)
+    model = train(create_model("cflow", **SMALL["cflow"]), data["train"], steps=80, lr=2e-3)
     out = model.predict(data["test"])
     check_outputs_and_rebuild("cflow", model, data["test"], out)
+    image_auroc = auroc(data["label"], out["pred_score"])
     lesion = data["label"] == 1
     pixel_auroc = auroc(data["mask"][lesion].flatten(), out["anomaly_map"][lesion].flatten())
-    print(f"cflow: image AUROC {auroc(data['label'], out['pred_score']):.3f}, pixel AUROC {pixel_auroc:.3f}")
+    print(f"cflow: image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
+    assert image_auroc >= 0.7, image_auroc
     assert pixel_auroc >= 0.75, pixel_auroc
 
 
 def test_differnet_separates_synthetic_lesions():
-    data = phantom_split(64)
+    data = phantom_split(64, n_train=256, n_test=50)
     normal, lesion = data["test"][data["label"] == 0], data["test"][data["label"] == 1]
-    torch.manual_seed(0)
+    seed_all(0)
     model = create_model("differnet", **SMALL["differnet"])
 
     def nll(images: torch.Tensor) -> float:  # per dimension, untransformed images
@@ -72,7 +79,7 @@ def test_differnet_separates_synthetic_lesions():
     with torch.no_grad():  # initialise the flow's ActNorm on the first training batch, as training would
         model.train().loss(as_batch(data["train"][:16]))
     before = nll(normal)
-    train(model, data["train"], steps=60, lr=2e-3)
+    train(model, data["train"], steps=120, lr=2e-3)
     after_normal, after_lesion = nll(normal), nll(lesion)
     out = model.predict(data["test"])
     check_outputs_and_rebuild("differnet", model, data["test"], out)
@@ -80,7 +87,7 @@ def test_differnet_separates_synthetic_lesions():
     print(f"differnet: NLL normal {before:.3f} -> {after_normal:.3f}, lesion {after_lesion:.3f}; "
           f"image AUROC {image_auroc:.3f}")
     assert after_normal < before - 0.1 and after_normal < after_lesion, (before, after_normal, after_lesion)
-    assert image_auroc >= 0.65, image_auroc
+    assert image_auroc >= 0.7, image_auroc
 
 
 @pytest.mark.parametrize("channels", [1, 3])

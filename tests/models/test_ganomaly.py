@@ -70,10 +70,16 @@ def test_invalid_options_are_refused():
 
 
 def test_trains_on_synthetic_phantoms_and_localises_lesions():
-    """Honest scope: GANomaly's own image score |z - z'|^2 is not reliable at a test-sized budget. Measured on these
-    phantoms (20 normal vs 20 lesion test images, widths 16-32-64, latent 4 or 8 channels, lr 2e-3 or 5e-3, 200 or 400
-    Adam steps, seeds 0 and 1) its image AUROC was 0.43-0.67, within about two null standard deviations (0.092) of
-    chance, so no image bound is asserted.
+    """Honest scope: GANomaly's own image score |z - z'|^2 does not reliably clear the 0.7 image bound of
+    test_baselines within a test budget (~60 s on one thread), so no image bound is asserted. Measured (seeds 0 / 1 /
+    2 of torch; GANomaly draws nothing from numpy):
+    - this configuration (64 training images, 200 Adam steps at lr 2e-3, ~12 s): 0.51 / 0.62 / 0.50 on the 20 vs 20
+      test images; 0.67 / 0.52 / 0.58 after 400 steps. Normal test images score as high as lesion ones because the
+      generator overfits the 64 training images (their latent score is ~25% lower than held-out normals').
+    - 512 training images, latent 4, 16 or 64 channels, lr 1e-3 or 2e-3, 600-900 steps (30-55 s), seeds 0 and 1, on a
+      separate draw of 100 vs 100: 0.71-0.77; 1024 training images, 800-1200 steps: 0.67-0.76; lr 5e-3: 0.55-0.64;
+      a paper-like 1 x 1 x 100 latent: 0.28-0.47. The score's true AUROC plateaus at ~0.75, so on 20 vs 20 (null sd
+      0.092) or even 50 vs 50 (0.058) test images a seed falls below 0.7 too often to assert it.
     What the generator does learn is to reconstruct normal anatomy: its residual map localises the lesions (pixel AUROC
     0.96-0.98 measured), which is held to the same 0.75 pixel bound as the other baselines (about 16k pixels, so
     chance-level pixel AUROC has a tiny spread)."""
