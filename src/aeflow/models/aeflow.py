@@ -108,12 +108,6 @@ class AEFlow(AnomalyModel):
                 raise ConfigError(f"{name} must lie in [0, 1], got {value}")
         if len(decoder_widths) != 3:
             raise ConfigError(f"decoder_widths needs three widths, got {list(decoder_widths)}")
-        self._config = dict(
-            backbone=backbone, pretrained=pretrained, weights=weights, freeze_encoder=freeze_encoder,
-            in_channels=in_channels, flow_steps=flow_steps, subnet=subnet, hidden_ratio=hidden_ratio,
-            clamp=clamp, decoder_widths=list(decoder_widths), alpha=alpha, beta=beta, score_mode=score_mode,
-            map_mode=map_mode,
-        )  # fmt: skip
         self.alpha, self.beta = alpha, beta
         self.score_mode, self.map_mode = score_mode, map_mode
 
@@ -128,9 +122,6 @@ class AEFlow(AnomalyModel):
         self.register_buffer("score_std", torch.ones(len(SCORE_COMPONENTS)))
         self.register_buffer("map_mean", torch.zeros(2))  # residual map, flow map
         self.register_buffer("map_std", torch.ones(2))
-
-    def config(self) -> dict:
-        return dict(self._config)
 
     # 1-3. Encoder, flow, decoder --------------------------------------------------------------------------
 

@@ -92,8 +92,6 @@ class AEFlowGMM(AEFlow):
         if initial_var < 1.0 or not 0.0 < initial_fraction < 1.0:
             raise ConfigError(f"initial_var must be >= 1 and initial_fraction in (0, 1), got {initial_var}, "
                               f"{initial_fraction}")
-        self._config.update(gamma=gamma, unlabelled_anomaly_prior=unlabelled_anomaly_prior, em_momentum=em_momentum,
-                            initial_var=initial_var, initial_fraction=initial_fraction)
         self.gamma = gamma
         self.log_pi = (math.log(1 - unlabelled_anomaly_prior), math.log(unlabelled_anomaly_prior))
         self.log_prior_odds = self.log_pi[1] - self.log_pi[0]

@@ -7,6 +7,8 @@ evaluation path.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -25,6 +27,11 @@ class AnomalyModel(nn.Module):
 
     name: str = "base"
     trained_by_gradient: bool = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_arguments(cls.__init__)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Training losses for one batch of (normal) images; the dict must hold the key "loss"."""
@@ -45,8 +52,47 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def config(self) -> dict:
-        """JSON-serialisable constructor arguments: `registry[name](**config())` rebuilds the model."""
-        raise NotImplementedError
+        """JSON-serialisable constructor arguments: `registry[name](**config())` rebuilds the model.
+
+        Recorded for every subclass as it is constructed (defaults included, tuples as lists), also readable
+        as `self._config` during and after `__init__`."""
+        return dict(self._config)
+
+
+def _recording_arguments(init: Callable) -> Callable:
+    """Wrap a model's __init__ so that the constructor arguments land in `self._config` before it runs.
+
+    The outermost constructor's arguments win (a subclass may pass other values to its parent); arguments that
+    only a parent's constructor names (a subclass forwarding **options) are added with the parent's defaults.
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recording_init(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = {}
+        for position, (name, value) in enumerate(bound.arguments.items()):
+            if position == 0:
+                continue  # self
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            else:
+                arguments[name] = value
+        arguments = {name: _as_json(value) for name, value in arguments.items()}
+        recorded = self.__dict__.get("_config")
+        if recorded is None:
+            object.__setattr__(self, "_config", arguments)
+        else:
+            for name, value in arguments.items():
+                recorded.setdefault(name, value)
+        init(self, *args, **kwargs)
+
+    return recording_init
+
+
+def _as_json(value):
+    return [_as_json(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 _REGISTRY: dict[str, Callable[..., AnomalyModel]] = {}

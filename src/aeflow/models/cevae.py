@@ -64,7 +64,6 @@ class CeVAE(VAE):
         super().__init__(
             in_channels, widths, latent_channels, kl_weight, "elbo", topk_fraction=topk_fraction, blur_sigma=blur_sigma
         )
-        self._config.update(ce_weight=ce_weight, score=score)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         losses = super().loss(batch)

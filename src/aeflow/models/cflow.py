@@ -112,15 +112,6 @@ class CFlow(AnomalyModel):
         super().__init__()
         if positions_per_step < 1:
             raise ConfigError(f"positions_per_step must be >= 1, got {positions_per_step}")
-        self._config = dict(
-            backbone=backbone,
-            pretrained=pretrained,
-            weights=weights,
-            flow_steps=flow_steps,
-            condition_dims=condition_dims,
-            clamp=clamp,
-            positions_per_step=positions_per_step,
-        )
         positional_encoding_2d(condition_dims, 1, 1)  # validates condition_dims before building anything large
         self.features = FeatureStages(backbone, pretrained=pretrained, weights=weights)
         self.flows = nn.ModuleList(
@@ -164,5 +155,3 @@ class CFlow(AnomalyModel):
         anomaly_map = anomaly_map.squeeze(1)
         return {"pred_score": anomaly_map.flatten(1).amax(1), "anomaly_map": anomaly_map}
 
-    def config(self) -> dict:
-        return dict(self._config)

@@ -66,16 +66,6 @@ class DifferNet(AnomalyModel):
             raise ConfigError(f"scales must be fractions in (0, 1], got {scales}")
         if blur_sigma < 0:
             raise ConfigError(f"blur_sigma must be >= 0; got {blur_sigma}")
-        self._config = dict(
-            backbone=backbone,
-            pretrained=pretrained,
-            weights=weights,
-            scales=list(scales),
-            flow_steps=flow_steps,
-            clamp=clamp,
-            test_transforms=test_transforms,
-            blur_sigma=blur_sigma,
-        )
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, frozen=True)
         self.flow = vector_flow(len(scales) * self.backbone.out_channels, flow_steps, clamp)
 
@@ -115,5 +105,3 @@ class DifferNet(AnomalyModel):
         anomaly_map = gaussian_blur(grad.abs().amax(1), self._config["blur_sigma"])
         return {"pred_score": score.detach(), "anomaly_map": anomaly_map}
 
-    def config(self) -> dict:
-        return dict(self._config)

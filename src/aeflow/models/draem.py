@@ -186,14 +186,6 @@ class DRAEM(AnomalyModel):
             raise ConfigError(f"score_window must be an odd number >= 1; got {score_window}")
         if not 0 < anomaly_probability <= 1:
             raise ConfigError(f"anomaly_probability must be in (0, 1]; got {anomaly_probability}")
-        self._config = dict(
-            in_channels=in_channels,
-            base_width=base_width,
-            sspcab=sspcab,
-            sspcab_weight=sspcab_weight,
-            anomaly_probability=anomaly_probability,
-            score_window=score_window,
-        )
         widths = [base_width * 2**i for i in range(4)]
         self.reconstructive = ReconstructiveNetwork(in_channels, widths, sspcab)
         self.discriminative = DiscriminativeUNet(2 * in_channels, widths)
@@ -221,5 +213,3 @@ class DRAEM(AnomalyModel):
         smoothed = F.avg_pool2d(anomaly_map[:, None], window, stride=1, padding=window // 2)
         return {"pred_score": smoothed.flatten(1).amax(1), "anomaly_map": anomaly_map}
 
-    def config(self) -> dict:
-        return dict(self._config)

@@ -49,14 +49,6 @@ class FastFlow(AnomalyModel):
         clamp: float = 2.0,
     ):
         super().__init__()
-        self._config = dict(
-            backbone=backbone,
-            pretrained=pretrained,
-            weights=weights,
-            flow_steps=flow_steps,
-            hidden_ratio=hidden_ratio,
-            clamp=clamp,
-        )
         self.features = FeatureStages(backbone, pretrained=pretrained, weights=weights)
         channels = self.features.out_channels
         self.norms = nn.ModuleList(nn.GroupNorm(1, c) for c in channels)
@@ -93,5 +85,3 @@ class FastFlow(AnomalyModel):
         anomaly_map = torch.stack(maps).mean(0).squeeze(1)
         return {"pred_score": anomaly_map.flatten(1).amax(1), "anomaly_map": anomaly_map}
 
-    def config(self) -> dict:
-        return dict(self._config)

@@ -82,15 +82,6 @@ class GANomaly(AnomalyModel):
             raise ConfigError(f"loss weights must be >= 0; got w_adv={w_adv}, w_con={w_con}, w_enc={w_enc}")
         if blur_sigma < 0:
             raise ConfigError(f"blur_sigma must be >= 0; got {blur_sigma}")
-        self._config = dict(
-            in_channels=in_channels,
-            widths=list(widths),
-            latent_channels=latent_channels,
-            w_adv=w_adv,
-            w_con=w_con,
-            w_enc=w_enc,
-            blur_sigma=blur_sigma,
-        )
 
         def encoder() -> nn.Sequential:
             return nn.Sequential(ConvEncoder(in_channels, widths), nn.Conv2d(widths[-1], latent_channels, 1))
@@ -148,5 +139,3 @@ class GANomaly(AnomalyModel):
             "anomaly_map": gaussian_blur(residual, self._config["blur_sigma"]),
         }
 
-    def config(self) -> dict:
-        return dict(self._config)

@@ -65,15 +65,6 @@ class PaDiM(AnomalyModel):
         super().__init__()
         if epsilon <= 0:
             raise ConfigError(f"epsilon must be > 0 (it makes the covariances invertible); got {epsilon}")
-        self._config = dict(
-            backbone=backbone,
-            n_features=n_features,
-            pretrained=pretrained,
-            weights=weights,
-            epsilon=epsilon,
-            blur_sigma=blur_sigma,
-            seed=seed,
-        )
         self.features = FeatureStages(backbone, pretrained=pretrained, weights=weights)
         total = sum(self.features.out_channels)
         d = PAPER_N_FEATURES.get(backbone, total) if n_features is None else n_features
@@ -128,5 +119,3 @@ class PaDiM(AnomalyModel):
         anomaly_map = gaussian_blur(anomaly_map.squeeze(1), self._config["blur_sigma"])
         return {"pred_score": anomaly_map.flatten(1).amax(1), "anomaly_map": anomaly_map}
 
-    def config(self) -> dict:
-        return dict(self._config)

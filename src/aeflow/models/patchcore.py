@@ -86,17 +86,6 @@ class PatchCore(AnomalyModel):
             raise ConfigError(f"coreset_ratio must be in (0, 1]; got {coreset_ratio}")
         if num_neighbors < 1:
             raise ConfigError(f"num_neighbors must be >= 1; got {num_neighbors}")
-        self._config = dict(
-            backbone=backbone,
-            pretrained=pretrained,
-            weights=weights,
-            coreset_ratio=coreset_ratio,
-            projection_dim=projection_dim,
-            reweight=reweight,
-            num_neighbors=num_neighbors,
-            blur_sigma=blur_sigma,
-            seed=seed,
-        )
         self.features = FeatureStages(backbone, pretrained=pretrained, weights=weights)
         self.register_buffer("memory_bank", torch.empty(0))  # M x D, filled by fit()
 
@@ -155,5 +144,3 @@ class PatchCore(AnomalyModel):
         score = self.reweighted(patches, distances, nearest) if self._config["reweight"] else distances.amax(1)
         return {"pred_score": score, "anomaly_map": anomaly_map}
 
-    def config(self) -> dict:
-        return dict(self._config)

@@ -55,15 +55,6 @@ class VAE(AnomalyModel):
     ):
         super().__init__()
         check_score_options(score, VAE_SCORES, topk_fraction, blur_sigma)
-        self._config = dict(
-            in_channels=in_channels,
-            widths=list(widths),
-            latent_channels=latent_channels,
-            kl_weight=kl_weight,
-            score=score,
-            topk_fraction=topk_fraction,
-            blur_sigma=blur_sigma,
-        )
         self.encoder = nn.Sequential(ConvEncoder(in_channels, widths), nn.Conv2d(widths[-1], 2 * latent_channels, 1))
         self.decoder = ConvDecoder(latent_channels, list(reversed(widths)), in_channels)
         self.size_multiple = 2 ** len(widths)
@@ -111,5 +102,3 @@ class VAE(AnomalyModel):
         out["pred_score"] = out[f"score_{self._config['score']}"]
         return out
 
-    def config(self) -> dict:
-        return dict(self._config)
