@@ -10,9 +10,10 @@ turned into a likelihood (exp), up-sampled to the image, summed over the scales 
 give high anomaly values. The image score is the map's maximum.
 
 Choices of this implementation:
-- The paper subtracts the maximum log-likelihood over the whole test set before the exp; that only rescales
-  each scale's map, and would make one image's score depend on the others, so the per-dimension log-likelihood
-  (which stays in a safe range for exp) is used directly.
+- The paper subtracts the maximum log-likelihood over the whole test set before the exp. That multiplies each
+  scale's likelihood map by its own constant, so it changes how the scales are weighted in the sum, and it makes
+  one image's score depend on the other test images. Here the per-dimension log-likelihood (which stays in a safe
+  range for exp) is used directly: every scale is weighted by its own likelihood, with no test-set statistic.
 - Each flow starts with FrEIA's ActNorm (std floored at 1e-3), initialised from the first batch it sees: backbone features are far
   from unit scale, and the couplings should not spend their training absorbing that.
 - Coupling steps are FrEIA's AllInOneBlock with the paper's MLP (in -> 2 * in -> out, ReLU) coupling network,

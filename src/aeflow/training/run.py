@@ -16,12 +16,16 @@ A run folder holds everything needed to use and to repeat the run:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import platform
+import re
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,8 +173,9 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             elif resume:
                 log.info("resume asked but no checkpoint was written yet: training from the start")
             module = AnomalyModule(model, config.lr, config.weight_decay, val_has_anomalies=val_has_anomalies)
-            trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader))
-            trainer.fit(module, train_loader, loader(val_set, shuffle=False), ckpt_path=ckpt_path)
+            with _quiet_lightning():
+                trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader))
+                trainer.fit(module, train_loader, loader(val_set, shuffle=False), ckpt_path=ckpt_path)
             log.info("training stopped after epoch %d, global step %d", trainer.current_epoch, trainer.global_step)
             best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last_checkpoint
             model.load_state_dict(model_state(load_checkpoint(best)))
@@ -349,6 +354,31 @@ def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdo
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+# Lightning messages that say nothing about the run: an advertisement, a deprecation inside lightning itself, and
+# the note that frozen modules (our pretrained backbones, by design) are in eval mode.
+_LIGHTNING_NOISE = ("Tip: For seamless cloud logging", "LeafSpec)` is deprecated", "module(s) in eval mode")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _LIGHTNING_NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Drop `_LIGHTNING_NOISE` from warnings and lightning's log while a trainer is built and fitted."""
+    lightning_log, noise = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _DropNoise()
+    with warnings.catch_warnings():
+        for text in _LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
+        lightning_log.addFilter(noise)
+        try:
+            yield
+        finally:
+            lightning_log.removeFilter(noise)
 
 
 class _log_to:
