@@ -1,5 +1,6 @@
 """train() writes a complete run folder, resumes a killed run where it stopped, and load_run() rebuilds it safely."""
 
+import csv
 import json
 import os
 import signal
@@ -113,6 +114,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert f"epoch {before['epoch'] + 1} done, global step {before['global_step']}" in log
     assert "training stopped after epoch 6" in log
     assert (run / "model.safetensors").is_file()
+    # The curves hold every epoch once: those before the kill were kept through the resume.
+    with open(run / "curves" / "metrics.csv", newline="") as f:
+        validated = [int(row["epoch"]) for row in csv.DictReader(f) if row["val_loss"]]
+    assert before["epoch"] >= 0 and validated == list(range(epochs))
+    assert not (run / "curves" / "metrics.before_resume.csv").exists()
 
 
 def test_presets_and_options():
@@ -127,3 +133,25 @@ def test_presets_and_options():
         TrainConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(ConfigError, match="unknown preset"):
         TrainConfig.from_dict({"preset": "nope"})
+
+
+def test_curves_survive_two_resumes(tmp_path):
+    """A crash during a resumed fit: the next resume still finds the first part of the curves."""
+    from aeflow.training.run import _Curves
+
+    def write(epochs):
+        with open(tmp_path / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "val_loss"])
+            writer.writeheader()
+            writer.writerows({"epoch": e, "val_loss": 1.0 / (e + 1)} for e in epochs)
+
+    curves = _Curves(tmp_path)
+    write([0, 1, 2])  # killed during epoch 2 (its row stands for a partial epoch's log)
+    curves.set_aside(epochs_done=2)
+    write([2, 3])  # the resumed fit, killed again during epoch 3
+    curves.set_aside(epochs_done=3)
+    write([3, 4])  # the second resume finishes
+    curves.merge()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2, 3, 4]
+    assert not (tmp_path / "metrics.before_resume.csv").exists()

@@ -17,6 +17,7 @@ A run folder holds everything needed to use and to repeat the run:
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -173,9 +174,13 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             elif resume:
                 log.info("resume asked but no checkpoint was written yet: training from the start")
             module = AnomalyModule(model, config.lr, config.weight_decay, val_has_anomalies=val_has_anomalies)
+            curves = _Curves(run_dir / "curves")
+            if ckpt_path is not None:
+                curves.set_aside(epochs_done=state["epoch"] + 1)
             with _quiet_lightning():
                 trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader))
                 trainer.fit(module, train_loader, loader(val_set, shuffle=False), ckpt_path=ckpt_path)
+            curves.merge()
             log.info("training stopped after epoch %d, global step %d", trainer.current_epoch, trainer.global_step)
             best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last_checkpoint
             model.load_state_dict(model_state(load_checkpoint(best)))
@@ -297,6 +302,49 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> tuple[
     return trainer, checkpoints
 
 
+class _Curves:
+    """Keeps the training curves of a resumed run whole.
+
+    Lightning's CSVLogger deletes `metrics.csv` when it starts in a folder that has one, which on `--resume` would
+    lose the epochs trained before the crash. So before a resumed fit the old rows of finished epochs are moved
+    to `metrics.before_resume.csv` (appended there, so a run resumed twice keeps both parts; rows of the epoch
+    that was cut short are dropped, as it is trained again), and after the fit they are put back in front of the
+    new rows. A crash during the resumed fit leaves them in the side file, where the next resume finds them.
+    """
+
+    def __init__(self, folder: Path):
+        self.current, self.before = folder / "metrics.csv", folder / "metrics.before_resume.csv"
+
+    def set_aside(self, epochs_done: int) -> None:
+        rows = self._read(self.before) + [r for r in self._read(self.current)
+                                          if r.get("epoch", "") != "" and int(float(r["epoch"])) < epochs_done]
+        if rows:
+            self._write(self.before, rows)
+        self.current.unlink(missing_ok=True)
+
+    def merge(self) -> None:
+        if self.before.exists():
+            self._write(self.current, self._read(self.before) + self._read(self.current))
+            self.before.unlink()
+
+    @staticmethod
+    def _read(path: Path) -> list[dict[str, str]]:
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @staticmethod
+    def _write(path: Path, rows: list[dict[str, str]]) -> None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+
+
 class _SafeModelCheckpoint(ModelCheckpoint):
     """Lightning's checkpoint callback; the files are safetensors (written by SafeCheckpointIO)."""
 
@@ -356,9 +404,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-# Lightning messages that say nothing about the run: an advertisement, a deprecation inside lightning itself, and
-# the note that frozen modules (our pretrained backbones, by design) are in eval mode.
-_LIGHTNING_NOISE = ("Tip: For seamless cloud logging", "LeafSpec)` is deprecated", "module(s) in eval mode")
+# Lightning messages that say nothing about the run: an advertisement, a deprecation inside lightning itself, the
+# note that frozen modules (our pretrained backbones, by design) are in eval mode, and, on resume, that the curves
+# and checkpoint folders are not empty (`_Curves` keeps the old curves; the checkpoints are meant to be there).
+_LIGHTNING_NOISE = ("Tip: For seamless cloud logging", "LeafSpec)` is deprecated", "module(s) in eval mode",
+                    "exists and is not empty")
 
 
 class _DropNoise(logging.Filter):
