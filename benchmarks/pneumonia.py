@@ -10,6 +10,7 @@ seeds. Prints a Markdown table (mean +- std over seeds) and writes it, with the 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -60,8 +61,6 @@ def run_seed(args, seed: int) -> dict:
 def kept_epoch_validation(run_dir: Path) -> dict:
     """Validation AUROCs (135 normal / 389 pneumonia) logged at the epoch whose weights were kept (lowest
     validation loss): the numbers a user may compare set-ups on without looking at the test set."""
-    import csv
-
     with open(run_dir / "curves" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
     kept = min(rows, key=lambda r: float(r["val_loss"]))

@@ -17,7 +17,6 @@ flow bottleneck alone scores validation and test at several input sizes.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def global_statistics(data) -> list[str]:
 def flow_only(size: int, intensity: str, epochs: int, seed: int) -> list[str]:
     from aeflow.data import collate, load_data
     from aeflow.nn.backbones import create_backbone
-    from aeflow.nn.flow import FlowBottleneck, standard_normal_log_prob
+    from aeflow.nn.flow import FlowBottleneck, bits_per_dim, standard_normal_log_prob
 
     torch.manual_seed(seed)
     np.random.seed(seed)  # FrEIA draws its permutations from numpy
@@ -90,7 +89,7 @@ def flow_only(size: int, intensity: str, epochs: int, seed: int) -> list[str]:
         flow.train()
         for idx in torch.randperm(len(train)).split(32):
             z_prime, log_det = flow(train[idx])
-            bits = -(standard_normal_log_prob(z_prime).flatten(1).sum(1) + log_det) / (z_prime[0].numel() * math.log(2))
+            bits = bits_per_dim(standard_normal_log_prob(z_prime).flatten(1).sum(1), log_det, z_prime[0].numel())
             optimizer.zero_grad()
             bits.mean().backward()
             optimizer.step()

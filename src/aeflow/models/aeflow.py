@@ -13,7 +13,6 @@ Where this file departs from the paper, it says so and why (see `score_mode`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -26,7 +25,7 @@ from aeflow.errors import ConfigError
 from aeflow.models.base import AnomalyModel, register
 from aeflow.nn.backbones import create_backbone
 from aeflow.nn.blocks import gaussian_blur
-from aeflow.nn.flow import SUBNETS, FlowBottleneck, standard_normal_log_prob
+from aeflow.nn.flow import SUBNETS, FlowBottleneck, bits_per_dim, standard_normal_log_prob
 
 SCORE_MODES = ("paper", "standardized")
 MAP_MODES = ("residual", "flow", "fused")
@@ -145,8 +144,7 @@ class AEFlow(AnomalyModel):
         x = batch.image
         z_prime, log_det, x_rec = self(x)
         log_pz = standard_normal_log_prob(z_prime.float()).flatten(1).sum(1)
-        dims = z_prime[0].numel()
-        loss_flow = (-(log_pz + log_det.float()) / (dims * math.log(2))).mean()
+        loss_flow = bits_per_dim(log_pz, log_det.float(), z_prime[0].numel()).mean()
         loss_recon = F.mse_loss(x_rec.float(), x.float())
         loss = self.alpha * loss_flow + (1 - self.alpha) * loss_recon
         return {"loss": loss, "loss_flow": loss_flow, "loss_recon": loss_recon}

@@ -63,7 +63,7 @@ from aeflow.errors import ConfigError
 from aeflow.models.aeflow import AEFlow
 from aeflow.models.base import register
 from aeflow.nn.blocks import gaussian_blur
-from aeflow.nn.flow import standard_normal_log_prob
+from aeflow.nn.flow import bits_per_dim, standard_normal_log_prob
 
 @register("aeflow_gmm")
 class AEFlowGMM(AEFlow):
@@ -140,7 +140,7 @@ class AEFlowGMM(AEFlow):
             self._em_step(z_prime.detach().float()[labels == 1])
         ll = self.log_likelihoods(z_prime.float())
         log_pz = torch.where(labels == 1, ll["anomalous"], torch.where(labels == 0, ll["normal"], ll["mixture"]))
-        loss_flow = (-(log_pz + log_det.float()) / (z_prime[0].numel() * math.log(2))).mean()
+        loss_flow = bits_per_dim(log_pz, log_det.float(), z_prime[0].numel()).mean()
         kept = labels != 1
         loss_recon = F.mse_loss(x_rec[kept].float(), x[kept].float()) if kept.any() else x_rec.new_zeros(())
         losses = {"loss": self.alpha * loss_flow + (1 - self.alpha) * loss_recon, "loss_flow": loss_flow,

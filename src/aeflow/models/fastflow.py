@@ -18,7 +18,8 @@ anything, by shrinking the scale towards zero (measured: the weights fell from 1
 -3.4 per value, and the anomaly map became uninformative).
 
 Status: on the 128 px synthetic phantoms with EfficientNet-Lite0, 4 flow steps and 100 Adam steps, image AUROC
-0.78-0.91 and pixel AUROC 0.94 over three seeds (tests/models/test_baselines.py); not yet validated on real data.
+0.78-0.91 and pixel AUROC 0.94 over three seeds (tests/models/test_baselines.py). On real data see
+docs/results/leaderboard_*.md (PneumoniaMNIST and magnetic tiles, 3 seeds each).
 """
 
 from __future__ import annotations

@@ -136,3 +136,9 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """Element-wise log N(z; 0, 1)."""
     return -0.5 * z.pow(2) - LOG_SQRT_2PI
+
+
+def bits_per_dim(log_pz: torch.Tensor, log_det: torch.Tensor, dims: int) -> torch.Tensor:
+    """Per-image negative log-likelihood of z in bits per latent dimension: -(log p(z') + log|det|) / (dims ln 2),
+    from the summed log-density of z' and the flow's log-determinant (both B)."""
+    return -(log_pz + log_det) / (dims * math.log(2))
