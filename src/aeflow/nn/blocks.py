@@ -167,6 +167,8 @@ _STAGE_MODULES = {
     "wide_resnet50_2": ("layer1", "layer2", "layer3"),
     "resnet18": ("layer1", "layer2", "layer3"),
     "efficientnet_lite0": ("_blocks.2", "_blocks.4", "_blocks.10"),  # last block at 24, 40 and 112 channels
+    "efficientnet_lite1": ("_blocks.3", "_blocks.6", "_blocks.14"),  # last block at 24, 40 and 112 channels
+    "efficientnet_lite2": ("_blocks.3", "_blocks.6", "_blocks.14"),  # last block at 24, 48 and 120 channels
 }
 
 
