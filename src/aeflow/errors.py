@@ -32,3 +32,7 @@ class WeightsError(AeflowError):
 
 class CheckpointError(AeflowError):
     """A checkpoint is missing, corrupt or unsafe to load."""
+
+
+class TooLargeError(BadFileError):
+    """A file declares more pixels, frames or bytes than the limits allow (refused before decoding)."""

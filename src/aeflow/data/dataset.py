@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from aeflow.data.intensity import parse_intensity, to_unit_range
 from aeflow.data.layouts import build_records
-from aeflow.data.readers import MAX_PIXELS, read_mask, read_raw
+from aeflow.data.readers import MAX_PIXELS, read_mask, read_raw, split_source
 from aeflow.data.records import Record, SplitRecords
 from aeflow.data.sample import Sample
 from aeflow.errors import BadFileError, ConfigError, DataError
@@ -38,13 +38,18 @@ class Decoded:
 
 
 def decode_record(record: Record, *, channels: int = 1, intensity: str = "auto",
-                  max_pixels: int = MAX_PIXELS) -> Decoded:
+                  max_pixels: int = MAX_PIXELS, resize_to: tuple[int, int] | None = None) -> Decoded:
     """Decode a record's image (and mask), apply the intensity rule and the channel count.
 
-    Raises BadFileError for unreadable files and for a mask whose size differs from its image.
+    resize_to: the size the image will be resized to, checked before decoding (see readers.check_resize).
+    Raises BadFileError for unreadable files, for a rule that does not fit the file, and for a mask whose size
+    differs from its image.
     """
-    raw = read_raw(record.source, max_pixels=max_pixels)
-    image, info = to_unit_range(raw, intensity, source=record.source)
+    raw = read_raw(record.source, max_pixels=max_pixels, resize_to=resize_to)
+    try:
+        image, info = to_unit_range(raw, intensity, source=record.source)
+    except ConfigError as error:  # the rule does not fit this file (e.g. 'window' without window tags)
+        raise BadFileError(split_source(record.source)[0], str(error).removeprefix(f"{record.source}: ")) from None
     height, width = image.shape[:2]
     meta = {**raw.meta, **info, "original_size": (height, width),
             "raw_min": float(np.nanmin(raw.array)), "raw_max": float(np.nanmax(raw.array))}
@@ -99,7 +104,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        decoded = decode_record(record, channels=self.channels, intensity=self.intensity, max_pixels=self.max_pixels)
+        decoded = decode_record(record, channels=self.channels, intensity=self.intensity, max_pixels=self.max_pixels,
+                                resize_to=self.image_size)
         image = torch.from_numpy(np.ascontiguousarray(decoded.image.transpose(2, 0, 1)))
         mask = None if decoded.mask is None else torch.from_numpy(decoded.mask.astype(np.float32))
         if self.image_size is not None and tuple(image.shape[1:]) != self.image_size:

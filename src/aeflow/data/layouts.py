@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,11 +148,53 @@ def _stem(path: str | Path) -> str:
     return Path(name).stem
 
 
-def _image_files(folder: Path, *, recursive: bool = False, required: bool = True) -> list[Path]:
-    """Readable files in a folder, sorted by name; an empty folder is a DataError when required."""
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in pattern if p.is_file() and not p.name.startswith(".")
-                   and p.name.lower().endswith(READABLE_SUFFIXES))
+def _image_files(folder: Path, *, recursive: bool = False, required: bool = True,
+                 scan: Scan | None = None) -> list[Path]:
+    """Readable files in a folder, sorted by name; an empty folder is a DataError when required.
+
+    Nothing is passed over silently: a folder that cannot be listed and a link with a readable ending that
+    leads nowhere are BadFileErrors (given to `scan.bad`, which skips and lists them when asked; without a
+    scan, raised). Linked folders are followed once each, so a link loop ends.
+    """
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+
+    def bad(path: str, reason: str) -> None:
+        error = BadFileError(path, reason)
+        if scan is None:
+            raise error
+        scan.bad(error)
+
+    def visit(directory: str) -> None:
+        try:
+            stat = os.stat(directory)
+            if (stat.st_dev, stat.st_ino) in seen:
+                return
+            seen.add((stat.st_dev, stat.st_ino))
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            bad(directory, f"cannot list folder: {exc.strerror or exc}")
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as exc:
+                is_dir = is_file = False
+                bad(entry.path, f"cannot read: {exc.strerror or exc}")
+                continue
+            readable = entry.name.lower().endswith(READABLE_SUFFIXES)
+            if is_dir and recursive:
+                visit(entry.path)
+            elif is_file and readable:
+                files.append(Path(entry.path))
+            elif readable and not is_dir and entry.is_symlink():
+                bad(entry.path, "a link that leads nowhere (broken or looping)")
+
+    visit(str(folder))
+    files.sort()
     if required and not files:
         raise DataError(f"{folder}: no image files (readable endings: {', '.join(READABLE_SUFFIXES)})")
     return files
@@ -609,8 +652,12 @@ def scan_inputs(paths: Sequence[str | Path], *, axis: int = 2, slice_range=None,
     for path in map(str, paths):
         file, _ = split_source(path)
         if Path(file).is_dir():
-            sources += scan.sources(_image_files(Path(file), recursive=True), axis=axis, slice_range=slice_range)
-        elif "#" in path:
+            files = _image_files(Path(file), recursive=True, required=False, scan=scan)
+            if not files:
+                scan.bad(BadFileError(file, f"no image files in the folder (readable endings: "
+                                            f"{', '.join(READABLE_SUFFIXES)})"))
+            sources += scan.sources(files, axis=axis, slice_range=slice_range)
+        elif file != path:  # a source naming one frame or slice: read (and checked) when it is decoded
             sources.append(path)
         elif not Path(file).exists():
             scan.bad(BadFileError(file, "file not found"))

@@ -10,13 +10,25 @@ A *source* is a file path, optionally followed by `#key=value,...` naming one 2-
     pneumoniamnist.npz#split=train,index=12   one image of a MedMNIST file
     synthetic:phantom#seed=0,index=5,...      a generated phantom (see aeflow.data.synthetic)
 
-Any failure to read a file becomes `BadFileError(path, reason)`; no library exception escapes.
+A file whose own name holds a '#' (``hash#1.png``) is read as that file: the part after the last '#' is taken as
+options only when the whole name is not an existing file.
+
+Any failure to read a file becomes `BadFileError(path, reason)`; no library exception escapes. Every size a file
+declares (pixels, frames, slices, pages, planes, decompressed bytes) is checked against the limits below and
+against the file's own size BEFORE anything is allocated, so a header of a few hundred bytes cannot make a reader
+allocate gigabytes or list a billion frames; a file over a limit is a `TooLargeError` (a BadFileError).
+
+Channels, one policy for every format (`channel_policy`): 1 channel is gray; 3 are RGB (kept as gray when the
+three are equal); a 4th channel or the 2nd of two is dropped only when the file says it is alpha (PNG RGBA/LA,
+TIFF ExtraSamples, NIfTI RGBA32); any other channel count is refused with its reason. The rule applied is
+recorded in `meta["channels"]`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aeflow.errors import BadFileError
+from aeflow.errors import BadFileError, TooLargeError
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -39,6 +51,10 @@ READABLE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 #: For PNG/JPEG/BMP, Pillow's own guard (2 x PIL.Image.MAX_IMAGE_PIXELS, about 1.8e8) also applies; both
 #: become BadFileError.
 MAX_PIXELS = 2**28
+#: Most 2-D images one file may hold: DICOM frames, NIfTI slices along one axis, TIFF pages, npz images per split.
+MAX_FRAMES = 2**16
+#: Most bytes one npz array may decompress to (checked from its header, before decompressing).
+MAX_NPZ_BYTES = 2**32
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -60,16 +76,54 @@ class RawImage:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a reader checks a file's declared geometry against before it decodes anything: the pixel limit and,
+    when the image is to be resized, the size it will be resized to (see `check_resize`)."""
+
+    max_pixels: int = MAX_PIXELS
+    resize_to: tuple[int, int] | None = None
+
+    def check(self, path: str, height: int, width: int, *, count: int = 1, what: str = "image") -> None:
+        _check_pixels(path, height * width * count, self.max_pixels, what)
+        if self.resize_to is not None:
+            check_resize(path, (height, width), self.resize_to, self.max_pixels)
+
+
+def check_resize(source: str, size: tuple[int, int], target: tuple[int, int], max_pixels: int) -> None:
+    """Refuse a resize whose intermediate would be too large, before the image is even decoded.
+
+    Antialiased resizing works one axis at a time, so it holds a target-height x width (or height x target-width)
+    array in between: a 1 x 100,000,000 image is under the pixel limit, but made 64 px high first it would be
+    6.4e9 pixels. The larger of the two intermediates must stay under `max_pixels`.
+    """
+    (height, width), (to_height, to_width) = size, target
+    intermediate = max(to_height * width, height * to_width)
+    if intermediate > max_pixels:
+        raise TooLargeError(split_source(source)[0], f"resizing {width}x{height} to {to_width}x{to_height} needs "
+                                                     f"{intermediate} pixels in between, over the limit of "
+                                                     f"{max_pixels} (aspect ratio too extreme)")
+
+
 def split_source(source: str) -> tuple[str, dict[str, str]]:
-    """'file.nii.gz#axis=2,slice=4' -> ('file.nii.gz', {'axis': '2', 'slice': '4'})."""
-    path, sep, fragment = str(source).partition("#")
-    if not sep:
-        return path, {}
+    """'file.nii.gz#axis=2,slice=4' -> ('file.nii.gz', {'axis': '2', 'slice': '4'}).
+
+    The options follow the LAST '#'. A name that is itself an existing file ('hash#frame=1.png') has no options,
+    and neither has a name whose tail does not read as key=value pairs unless the part before it exists (then
+    the tail is reported as unparseable), so file names with '#' are read, not misparsed.
+    """
+    source = str(source)
+    path, sep, fragment = source.rpartition("#")
+    synthetic = source.startswith(SYNTHETIC_PREFIX)
+    if not sep or (not synthetic and os.path.lexists(source)):
+        return source, {}
     options = {}
     for item in filter(None, fragment.split(",")):
         key, eq, value = item.partition("=")
-        if not eq:
-            raise BadFileError(path, f"cannot parse '#{fragment}': expected key=value pairs")
+        if not eq or not key.strip():
+            if synthetic or os.path.lexists(path):
+                raise BadFileError(path, f"cannot parse '#{fragment}': expected key=value pairs")
+            return source, {}
         options[key.strip()] = value.strip()
     return path, options
 
@@ -91,20 +145,24 @@ def file_kind(path: str | Path) -> str | None:
     return None
 
 
-def read_raw(source: str, *, max_pixels: int = MAX_PIXELS) -> RawImage:
-    """Decode one 2-D image named by `source` (see the module docstring) into native-unit pixels."""
+def read_raw(source: str, *, max_pixels: int = MAX_PIXELS, resize_to: tuple[int, int] | None = None) -> RawImage:
+    """Decode one 2-D image named by `source` (see the module docstring) into native-unit pixels.
+
+    resize_to: the (height, width) the caller will resize the image to; an image whose resize would need an
+    intermediate over `max_pixels` (see `check_resize`) is refused from its header, before it is decoded.
+    """
     source = str(source)
     if source.startswith(SYNTHETIC_PREFIX):
         from aeflow.data.synthetic import read_synthetic  # deferred: synthetic imports this module
 
         raw = read_synthetic(source)
     else:
-        raw = _read_file(source, max_pixels)
+        raw = _read_file(source, Limits(max_pixels, resize_to))
     raw.meta.setdefault("dtype", str(raw.array.dtype))
     return raw
 
 
-def _read_file(source: str, max_pixels: int) -> RawImage:
+def _read_file(source: str, limits: Limits) -> RawImage:
     path, options = split_source(source)
     kind = file_kind(path)
     if kind is None:
@@ -114,18 +172,21 @@ def _read_file(source: str, max_pixels: int) -> RawImage:
         allowed = ", ".join(sorted(_SOURCE_OPTIONS[kind])) or "none"
         raise BadFileError(path, f"unknown option(s) {sorted(unknown)} after '#' for a {kind} file (allowed: {allowed})")
     if not os.path.isfile(path):
-        raise BadFileError(path, "file not found")
+        raise BadFileError(path, "a link that leads nowhere (broken or looping)" if os.path.islink(path)
+                           else "not a file" if os.path.exists(path) else "file not found")
     if os.path.getsize(path) == 0:
         raise BadFileError(path, "empty file (0 bytes)")
     reader = {"image": _read_pil, "tiff": _read_tiff, "dicom": _read_dicom, "nifti": _read_nifti, "npz": _read_npz}
     try:
-        raw = reader[kind](path, options, max_pixels)
+        raw = reader[kind](path, options, limits)
     except BadFileError:
         raise
     except Exception as exc:  # any decoder failure on a user's file is reported as that file's problem
         raise BadFileError(path, f"cannot decode as {kind}: {type(exc).__name__}: {exc}") from exc
-    if raw.array.ndim not in (2, 3) or raw.array.size == 0:
-        raise BadFileError(path, f"decoded to an array of shape {raw.array.shape}, not a 2-D image")
+    if raw.array.size == 0 or raw.array.ndim != 2 and (raw.array.ndim != 3 or raw.array.shape[2] != 3):
+        raise BadFileError(path, f"decoded to an array of shape {raw.array.shape}, not a 2-D gray or RGB image")
+    if raw.array.dtype.kind not in "biuf":
+        raise BadFileError(path, f"holds {raw.array.dtype} values, not numbers")
     return raw
 
 
@@ -146,7 +207,11 @@ def read_mask(source: str, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def expand_source(path: str | Path, *, axis: int = 2, slice_range: tuple[int, int] | None = None) -> list[str]:
     """One source per 2-D image in a file: NIfTI volumes give one per slice along `axis`
-    (optionally only slices in [start, stop)), multi-frame DICOMs one per frame, other files themselves."""
+    (optionally only slices in [start, stop)), multi-frame DICOMs one per frame, other files themselves.
+
+    The frame or slice count comes from the header and is checked (MAX_FRAMES, MAX_PIXELS, the file's size)
+    before the list is built, so a header claiming a billion frames is a BadFileError, not a billion names.
+    """
     path = str(path)
     kind = file_kind(path)
     if kind == "nifti":
@@ -156,88 +221,194 @@ def expand_source(path: str | Path, *, axis: int = 2, slice_range: tuple[int, in
         if axis not in (0, 1, 2):
             raise BadFileError(path, f"slice axis must be 0, 1 or 2, got {axis}")
         start, stop = slice_range if slice_range is not None else (0, shape[axis])
-        return [join_source(path, axis=axis, slice=i) for i in range(max(start, 0), min(stop, shape[axis]))]
+        sources = [join_source(path, axis=axis, slice=i) for i in range(max(start, 0), min(stop, shape[axis]))]
+        if not sources:
+            raise BadFileError(path, f"no slices in {start}:{stop} (axis {axis} has {shape[axis]} slices)")
+        return sources
     if kind == "dicom":
         frames = _dicom_frame_count(path)
         return [path] if frames == 1 else [join_source(path, frame=i) for i in range(frames)]
     return [path]
 
 
-# --- PNG / JPEG / BMP (Pillow) -------------------------------------------------------------------------------
-
-
 def _check_pixels(path: str, n_pixels: int, max_pixels: int, what: str = "image") -> None:
     if n_pixels > max_pixels:
-        raise BadFileError(path, f"{what} has {n_pixels} pixels, over the limit of {max_pixels} "
-                                 f"(decompression-bomb guard; raise max_pixels to allow it)")
+        raise TooLargeError(path, f"{what} has {n_pixels} pixels, over the limit of {max_pixels} "
+                                  f"(decompression-bomb guard; raise max_pixels to allow it)")
 
 
-def _read_pil(path: str, options: dict, max_pixels: int) -> RawImage:
+def _check_count(path: str, count: int, what: str) -> int:
+    """A declared number of frames/slices/pages/images: a whole number in 1..MAX_FRAMES."""
+    if count < 1:
+        raise BadFileError(path, f"the header declares {count} {what}; there must be at least 1")
+    if count > MAX_FRAMES:
+        raise TooLargeError(path, f"the header declares {count} {what}, over the limit of {MAX_FRAMES}")
+    return count
+
+
+def _check_bytes(path: str, needed: int, what: str, *, ratio: int = 1) -> None:
+    """Refuse a header whose declared data (`needed` bytes) cannot be in a file of this size (x `ratio` for
+    compressed data: deflate expands at most about 1032-fold)."""
+    size = os.path.getsize(path)
+    if needed > size * ratio:
+        raise BadFileError(path, f"the header declares {needed} bytes of {what}, but the file holds only {size} "
+                                 f"bytes{' (compressed)' if ratio > 1 else ''}: truncated or forged header")
+
+
+def channel_policy(path: str, array: np.ndarray, *, alpha: bool = False) -> tuple[np.ndarray, str]:
+    """The one channel rule of every reader: H x W (gray) or H x W x 3 (RGB), and the rule applied.
+
+    1 channel: gray. 3: RGB, kept as gray when the three channels are equal. 2 or 4 channels: gray or RGB plus
+    alpha, the alpha dropped, only when the file marks the extra channel as alpha (`alpha=True`). Any other
+    count is refused with the reason, so no file reaches a batch with a channel count it cannot be stacked with.
+    """
+    if array.ndim == 2:
+        return array, "gray"
+    if array.ndim != 3:
+        raise BadFileError(path, f"decoded to an array of shape {array.shape}, not a 2-D image")
+    count = array.shape[2]
+    if count == 1:
+        return array[..., 0], "gray"
+    if count == 2 and alpha:
+        return array[..., 0], "gray+alpha: alpha dropped"
+    if count == 4 and alpha:
+        array, rule = array[..., :3], "rgb+alpha: alpha dropped"
+    elif count == 3:
+        rule = "rgb"
+    else:
+        extra = " (the extra channel is not marked as alpha)" if count in (2, 4) else ""
+        raise BadFileError(path, f"{count} channels per pixel{extra}: aeflow reads gray (1), RGB (3), or gray/RGB "
+                                 "with an alpha channel (2/4); save the image as gray or RGB")
+    if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
+        return array[..., 0], rule + ", equal channels kept as gray"
+    return array, rule
+
+
+# --- PNG / JPEG / BMP (Pillow) -------------------------------------------------------------------------------
+
+#: Pillow modes -> (mode to convert to, whether the last channel is alpha). Modes not listed are refused.
+_PIL_MODES = {
+    "1": ("L", False), "L": (None, False), "I": (None, False), "F": (None, False),
+    "I;16": (None, False), "I;16L": (None, False), "I;16B": (None, False), "I;16N": (None, False),
+    "LA": (None, True), "La": ("LA", True), "PA": ("RGBA", True), "P": ("RGBA", True),
+    "RGB": (None, False), "RGBA": (None, True), "RGBa": ("RGBA", True), "RGBX": ("RGB", False),
+    "CMYK": ("RGB", False), "YCbCr": ("RGB", False), "LAB": ("RGB", False), "HSV": ("RGB", False),
+}
+
+
+def _read_pil(path: str, options: dict, limits: Limits) -> RawImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             with Image.open(path) as im:
-                _check_pixels(path, im.width * im.height, max_pixels)
+                limits.check(path, im.height, im.width)
+                if im.mode not in _PIL_MODES:
+                    raise BadFileError(path, f"unsupported pixel mode {im.mode!r}")
                 im.load()
                 fmt = (im.format or Path(path).suffix.lstrip(".")).lower()
                 mode = im.mode
-                array = _pil_to_array(im)
+                convert_to, alpha = _PIL_MODES[mode]
+                if mode == "P" and "transparency" not in im.info:
+                    convert_to, alpha = "RGB", False
+                array = _pil_to_array(im if convert_to is None else im.convert(convert_to))
     except Image.DecompressionBombError as exc:
-        raise BadFileError(path, f"image too large, refused as a decompression bomb: {exc}") from exc
-    return RawImage(array, {"format": fmt, "mode": mode})
+        raise TooLargeError(path, f"image too large, refused as a decompression bomb: {exc}") from exc
+    array, rule = channel_policy(path, array, alpha=alpha)
+    if convert_to is not None:
+        rule = f"{mode}->{convert_to} (Pillow), {rule}"
+    return RawImage(array, {"format": fmt, "mode": mode, "channels": rule})
 
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (im.mode == "I" and im.format == "PNG"):
         return np.asarray(im).astype(np.uint16)  # PNG holds at most 16 bits; native byte order, values untouched
-    if im.mode in ("L", "I", "F"):
-        return np.asarray(im)
-    if im.mode == "1":
-        return np.asarray(im.convert("L"))
-    if im.mode == "LA":
-        return np.asarray(im)[..., 0]
-    rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    return _collapse_gray(rgb)
+    return np.asarray(im)
 
 
-def _collapse_gray(rgb: np.ndarray) -> np.ndarray:
-    """Grayscale saved as RGB (three equal channels) is kept single-channel."""
-    if rgb.ndim == 3 and rgb.shape[2] >= 3:
-        rgb = rgb[..., :3]
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-            return rgb[..., 0]
-    return rgb
+# --- TIFF (tifffile: 16-bit, float, planar and multi-page) ------------------------------------------------------
 
 
-# --- TIFF (tifffile: 16-bit, float and multi-page) ----------------------------------------------------------------
-
-
-def _read_tiff(path: str, options: dict, max_pixels: int) -> RawImage:
+def _read_tiff(path: str, options: dict, limits: Limits) -> RawImage:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        n_pages = len(tif.pages)
+        n_pages = _check_count(path, len(tif.pages), "pages")
         frame = _int_option(path, options, "frame", 0)
         if not 0 <= frame < n_pages:
             raise BadFileError(path, f"page {frame} out of range (the file has {n_pages} page(s))")
         page = tif.pages[frame]
-        _check_pixels(path, int(np.prod(page.shape[:2])) if page.shape else 0, max_pixels)
+        if not isinstance(page, tifffile.TiffPage):
+            page = page.aspage()
+        # The page's own tags, whatever the storage (contiguous or planar): never the decoded array's shape.
+        width, length, depth = int(page.imagewidth), int(page.imagelength), int(page.imagedepth or 1)
+        samples = int(page.samplesperpixel or 1)
+        limits.check(path, length, width, count=depth, what="image" if n_pages == 1 else f"page {frame}")
+        if depth != 1:
+            raise BadFileError(path, f"page {frame} is a 3-D block (depth {depth}); aeflow reads 2-D pages")
+        if samples > 4:
+            raise BadFileError(path, f"{samples} samples per pixel: aeflow reads gray (1), RGB (3), or gray/RGB "
+                                     "with an alpha channel (2/4); save the image as gray or RGB")
+        if page.dtype is None:
+            raise BadFileError(path, f"unsupported sample format ({page.bitspersample} bits, "
+                                     f"format {page.sampleformat})")
+        if page.compression == 1:  # uncompressed: the strips must be in the file
+            _check_bytes(path, width * length * samples * page.dtype.itemsize, "pixel data")
+        alpha = samples in (2, 4) and bool(page.extrasamples) and page.extrasamples[-1] in (1, 2)
         array = page.asarray()
-    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
-        array = np.moveaxis(array, 0, 2)  # planar (C, H, W) storage
-    array = np.squeeze(array) if array.ndim == 3 and 1 in (array.shape[0], array.shape[2]) else array
+        axes = page.axes
+    array = np.squeeze(array, axis=tuple(i for i, a in enumerate(axes) if a not in "YXS" and array.shape[i] == 1))
+    axes = "".join(a for a in axes if a in "YXS")
+    if "S" in axes:
+        array = np.moveaxis(array, axes.index("S"), -1)  # planar (S, Y, X) or contiguous (Y, X, S)
+    if array.ndim not in (2, 3) or array.shape[:2] != (length, width):
+        raise BadFileError(path, f"page {frame} decoded to shape {array.shape}, not {length} x {width}")
     if array.dtype.byteorder not in ("=", "|"):
         array = array.astype(array.dtype.newbyteorder("="))
-    return RawImage(_collapse_gray(array), {"format": "tiff", "pages": n_pages, "frame": frame})
+    array, rule = channel_policy(path, array, alpha=alpha)
+    return RawImage(array, {"format": "tiff", "pages": n_pages, "frame": frame, "channels": rule,
+                            "planar": int(page.planarconfig) == 2})
 
 
 # --- DICOM (pydicom) ------------------------------------------------------------------------------------------------
 
 
-def _read_dicom(path: str, options: dict, max_pixels: int) -> RawImage:
+def _dicom_geometry(path: str, ds) -> tuple[int, int, int, int]:
+    """(frames, rows, columns, samples per pixel) from a DICOM header, each checked before any pixel is decoded:
+    counts are whole numbers in range, the pixels under MAX_PIXELS, and uncompressed pixel data fits the file."""
+    def number(tag: str, default: int | None = None) -> int:
+        value = ds.get(tag, default)
+        if value is None or value == "":
+            if default is None:
+                raise BadFileError(path, f"DICOM header lacks {tag}")
+            return default
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise BadFileError(path, f"DICOM {tag} is {value!r}, not a whole number") from None
+
+    frames = _check_count(path, number("NumberOfFrames", 1), "frames (NumberOfFrames)")
+    rows, columns = number("Rows"), number("Columns")
+    if rows < 1 or columns < 1:
+        raise BadFileError(path, f"DICOM image of {rows} x {columns} pixels")
+    samples = number("SamplesPerPixel", 1)
+    if samples not in (1, 3):
+        raise BadFileError(path, f"SamplesPerPixel is {samples}: aeflow reads gray (1) or colour (3) DICOM images")
+    bits = number("BitsAllocated", 16)
+    if bits not in (1, 8, 16, 32, 64):
+        raise BadFileError(path, f"BitsAllocated is {bits}: DICOM allows 1, 8, 16, 32 or 64")
+    _check_pixels(path, rows * columns * frames, max_pixels=MAX_PIXELS, what="DICOM pixel data")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_compressed:
+        _check_bytes(path, 8 * frames, "encapsulated frames (8 bytes each at least)")
+    else:
+        _check_bytes(path, (rows * columns * frames * samples * bits + 7) // 8, "pixel data")
+    return frames, rows, columns, samples
+
+
+def _read_dicom(path: str, options: dict, limits: Limits) -> RawImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
     try:
         ds = pydicom.dcmread(path)
@@ -245,21 +416,19 @@ def _read_dicom(path: str, options: dict, max_pixels: int) -> RawImage:
         raise BadFileError(path, f"not a DICOM file: {exc}") from exc
     if "PixelData" not in ds:
         raise BadFileError(path, "DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_pixels(path, int(ds.Rows) * int(ds.Columns) * frames, max_pixels, what="DICOM pixel data")
+    frames, rows, columns, _ = _dicom_geometry(path, ds)
+    limits.check(path, rows, columns, count=frames, what="DICOM pixel data")
     frame = _int_option(path, options, "frame", 0)
     if not 0 <= frame < frames:
         raise BadFileError(path, f"frame {frame} out of range (the file has {frames} frame(s))")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
-        pixels = ds.pixel_array
+        pixels = pixel_array(ds, index=frame if frames > 1 else None)  # decodes only the frame asked for
     except Exception as exc:
         if syntax is not None and syntax.is_compressed:
             raise BadFileError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder installed "
                                      f"for this compression (pydicom: {type(exc).__name__})") from exc
         raise BadFileError(path, f"cannot decode DICOM pixel data: {type(exc).__name__}: {exc}") from exc
-    if frames > 1:
-        pixels = pixels[frame]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     meta = {"format": "dicom", "transfer_syntax": str(syntax), "photometric": photometric,
             "frames": frames, "frame": frame, "stored_dtype": str(pixels.dtype)}
@@ -271,7 +440,12 @@ def _read_dicom(path: str, options: dict, max_pixels: int) -> RawImage:
             value = ds.get(tag)
             if value is not None:
                 meta[key] = float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
-    return RawImage(np.asarray(pixels), meta)
+    elif photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+        meta["palette"] = "applied"
+    pixels, rule = channel_policy(path, np.asarray(pixels))
+    meta["channels"] = rule
+    return RawImage(pixels, meta)
 
 
 def _dicom_frame_count(path: str) -> int:
@@ -279,28 +453,48 @@ def _dicom_frame_count(path: str) -> int:
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as exc:
+        raise BadFileError(path, f"cannot read DICOM header: {type(exc).__name__}: {exc}") from exc
+    try:
+        return _dicom_geometry(path, ds)[0]
+    except BadFileError:
+        raise
     except Exception as exc:
         raise BadFileError(path, f"cannot read DICOM header: {type(exc).__name__}: {exc}") from exc
 
 
 # --- NIfTI (nibabel) ------------------------------------------------------------------------------------------------
 
+#: Structured NIfTI voxel types (RGB24, RGBA32) -> their colour fields, in order; the 4th, if any, is alpha.
+_NIFTI_COLOUR_FIELDS = (("R", "G", "B"), ("R", "G", "B", "A"))
+
 
 def _nifti_shape(path: str) -> tuple[int, ...]:
-    """Spatial shape with trailing singleton dimensions dropped; 2-D or 3-D only."""
+    """Spatial shape with trailing singleton dimensions dropped; 2-D or 3-D only, checked against MAX_PIXELS,
+    MAX_FRAMES and the file's size before anything is read."""
     import nibabel
 
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise BadFileError(path, "file not found" if not os.path.isfile(path) else "empty file (0 bytes)")
     try:
-        shape = tuple(nibabel.load(path).shape)
+        image = nibabel.load(path)
+        shape = tuple(int(n) for n in image.shape)
+        dtype = image.header.get_data_dtype()
+        offset = int(image.header.get("vox_offset", 0) or 0)
     except Exception as exc:
         raise BadFileError(path, f"cannot read NIfTI header: {type(exc).__name__}: {exc}") from exc
+    if any(n < 1 for n in shape):
+        raise BadFileError(path, f"NIfTI image of shape {shape} holds no voxels")
     while len(shape) > 2 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) not in (2, 3):
         raise BadFileError(path, f"NIfTI image of shape {shape}: only 2-D and 3-D volumes are supported")
+    voxels = int(np.prod(shape, dtype=object))
+    _check_pixels(path, voxels, MAX_PIXELS, what="NIfTI volume")
+    for n in shape:
+        _check_count(path, n, "slices along an axis")
+    compressed = path.lower().endswith(".gz")
+    _check_bytes(path, offset * (not compressed) + voxels * dtype.itemsize, "voxel data", ratio=1032 if compressed else 1)
     return shape
 
 
@@ -312,44 +506,99 @@ def _nifti_volume(path: str, mtime_ns: int) -> np.ndarray:
     return np.asarray(nibabel.load(path).dataobj)
 
 
-def _read_nifti(path: str, options: dict, max_pixels: int) -> RawImage:
+def _read_nifti(path: str, options: dict, limits: Limits) -> RawImage:
     shape = _nifti_shape(path)
-    _check_pixels(path, int(np.prod(shape)), max_pixels, what="NIfTI volume")
-    volume = _nifti_volume(path, os.stat(path).st_mtime_ns).reshape(shape)
     meta = {"format": "nifti", "volume_shape": shape}
     if len(shape) == 2:
-        return RawImage(volume, meta)
-    if "slice" not in options:
-        raise BadFileError(path, "a 3-D volume needs a slice: e.g. 'scan.nii.gz#axis=2,slice=40'")
-    axis = _int_option(path, options, "axis", 2)
-    index = _int_option(path, options, "slice", 0)
-    if axis not in (0, 1, 2):
-        raise BadFileError(path, f"slice axis must be 0, 1 or 2, got {axis}")
-    if not 0 <= index < shape[axis]:
-        raise BadFileError(path, f"slice {index} out of range (axis {axis} has {shape[axis]} slices)")
-    meta.update(axis=axis, slice=index)
-    return RawImage(np.take(volume, index, axis=axis), meta)
+        limits.check(path, *shape)
+        image = _nifti_volume(path, os.stat(path).st_mtime_ns).reshape(shape)
+    else:
+        if "slice" not in options:
+            raise BadFileError(path, "a 3-D volume needs a slice: e.g. 'scan.nii.gz#axis=2,slice=40'")
+        axis = _int_option(path, options, "axis", 2)
+        index = _int_option(path, options, "slice", 0)
+        if axis not in (0, 1, 2):
+            raise BadFileError(path, f"slice axis must be 0, 1 or 2, got {axis}")
+        if not 0 <= index < shape[axis]:
+            raise BadFileError(path, f"slice {index} out of range (axis {axis} has {shape[axis]} slices)")
+        _check_pixels(path, int(np.prod(shape)), limits.max_pixels, what="NIfTI volume")
+        limits.check(path, *(n for i, n in enumerate(shape) if i != axis))
+        meta.update(axis=axis, slice=index)
+        volume = _nifti_volume(path, os.stat(path).st_mtime_ns).reshape(shape)
+        image = np.take(volume, index, axis=axis)
+    alpha = False
+    if image.dtype.names is not None:  # RGB24 / RGBA32 voxels: a structured dtype, one field per colour
+        fields = tuple(image.dtype.names)
+        if fields not in _NIFTI_COLOUR_FIELDS:
+            raise BadFileError(path, f"NIfTI voxels of structured type {image.dtype}: aeflow reads numbers, RGB24 "
+                                     f"or RGBA32")
+        image, alpha = np.stack([image[name] for name in fields], axis=-1), len(fields) == 4
+    image, meta["channels"] = channel_policy(path, image, alpha=alpha)
+    return RawImage(image, meta)
 
 
 # --- MedMNIST .npz --------------------------------------------------------------------------------------------------
 
 
+def _npz_header(path: str, key: str, *, images: bool) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an npz, read from its .npy header without decompressing the data;
+    the declared bytes must match the archive's entry and stay under MAX_NPZ_BYTES."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+            if key not in names:
+                raise BadFileError(path, f"no array '{key}' in the file (it holds: {', '.join(names) or 'none'})")
+            info = archive.getinfo(f"{key}.npy")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise BadFileError(path, f"'{key}': unsupported .npy format version {version}")
+                header = f.tell()
+    except BadFileError:
+        raise
+    except Exception as exc:
+        raise BadFileError(path, f"cannot read as npz: {type(exc).__name__}: {exc}") from exc
+    if dtype.kind not in "biuf":
+        raise BadFileError(path, f"'{key}' holds {dtype} values, not numbers")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > MAX_NPZ_BYTES:
+        raise TooLargeError(path, f"'{key}' declares {nbytes} bytes, over the limit of {MAX_NPZ_BYTES}")
+    if info.file_size != header + nbytes:
+        raise BadFileError(path, f"'{key}' declares {nbytes} bytes of data, but its entry holds "
+                                 f"{info.file_size - header}: truncated or forged")
+    if images and len(shape) not in (3, 4):
+        raise BadFileError(path, f"'{key}' has shape {shape}, not images N x H x W or N x H x W x C")
+    if not images and len(shape) not in (1, 2):
+        raise BadFileError(path, f"'{key}' has shape {shape}, not labels N or N x K")
+    return shape, dtype
+
+
 @functools.lru_cache(maxsize=8)
 def _npz_array(path: str, key: str, mtime_ns: int) -> np.ndarray:
+    _npz_header(path, key, images=key.endswith("_images"))
     with np.load(path, allow_pickle=False) as npz:
-        if key not in npz.files:
-            raise BadFileError(path, f"no array '{key}' in the file (it holds: {', '.join(npz.files)})")
         return npz[key]
 
 
-def _read_npz(path: str, options: dict, max_pixels: int) -> RawImage:
+def _read_npz(path: str, options: dict, limits: Limits) -> RawImage:
     split = options.get("split", "train")
     index = _int_option(path, options, "index", 0)
-    images = _npz_array(path, f"{split}_images", os.stat(path).st_mtime_ns)
-    if not 0 <= index < len(images):
-        raise BadFileError(path, f"index {index} out of range ({split}_images holds {len(images)} images)")
-    _check_pixels(path, int(np.prod(images.shape[1:3])), max_pixels)
-    return RawImage(np.asarray(images[index]), {"format": "npz", "split": split, "index": index})
+    key = f"{split}_images"
+    shape, _ = _npz_header(path, key, images=True)  # checked before the (cached) array is decompressed
+    if not 0 <= index < shape[0]:
+        raise BadFileError(path, f"index {index} out of range ({key} holds {shape[0]} images)")
+    limits.check(path, shape[1], shape[2])
+    if len(shape) == 4 and shape[3] not in (1, 3):
+        channel_policy(path, np.zeros((1, 1, shape[3]), np.uint8))  # refuses with the policy's reason
+    images = _npz_array(path, key, os.stat(path).st_mtime_ns)
+    image, rule = channel_policy(path, np.asarray(images[index]))
+    return RawImage(image, {"format": "npz", "split": split, "index": index, "channels": rule})
 
 
 def npz_labels(path: str | Path, split: str) -> np.ndarray:
