@@ -75,6 +75,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from exc
 
 
+def checkpoint_shapes(path: str | Path, *, model_file: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight in a checkpoint's state_dict, read from the file's header alone (no tensor is
+    loaded). `model_file`: the file is a run's model.safetensors (keys as they are) rather than a lightning
+    checkpoint (keys of the wrapped model, 'model.' prefix removed)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not an aeflow checkpoint (format {metadata.get('format')!r})")
+            state = json.loads(metadata["skeleton"])["state_dict"]
+            shapes = {name: tuple(f.get_slice(ref[_TENSOR]).get_shape()) for name, ref in state.items()}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors/JSON raise many types; all mean "unreadable"
+        raise CheckpointError(f"{path}: unreadable checkpoint header ({type(exc).__name__}: {exc})") from exc
+    if model_file:
+        return shapes
+    return {name[len("model."):]: shape for name, shape in shapes.items() if name.startswith("model.")}
+
+
 def model_state(checkpoint: Mapping[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The wrapped model's weights from a lightning checkpoint (its state_dict keys start with `prefix`)."""
     return {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}

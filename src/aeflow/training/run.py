@@ -204,26 +204,36 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tupl
 
     Reads model.safetensors (best weights and calibration); for a run that never finished, the best or last
     checkpoint instead (then uncalibrated). Pretrained-weight files are not needed: the run holds every
-    weight, so the model is built with pretrained=False and then filled from the run.
+    weight, so the model is built with pretrained=False and then filled from the run. config.json is checked
+    against the run-folder schema (aeflow.training.schema) and the model it describes against the weights file's
+    header before the model is built: a crafted config is a ConfigError or CheckpointError, never an allocation.
     """
+    from aeflow.training.checkpoint import checkpoint_shapes
+    from aeflow.training.schema import check_weights_fit, read_config, validate_config
+
     run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
     try:
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot read the run's config ({exc})") from exc
+        config = read_config(config_path)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    validate_config(config, config_path)
     candidates = [run_dir / MODEL_FILE, run_dir / "checkpoints" / "best.safetensors",
                   run_dir / "checkpoints" / "last.safetensors"]
     found = next((path for path in candidates if path.is_file()), None)
     if found is None:
         raise CheckpointError(f"{run_dir}: no weights ({', '.join(p.name for p in candidates)} all missing)")
-    checkpoint = load_checkpoint(found)
-    state = checkpoint["state_dict"] if found.name == MODEL_FILE else model_state(checkpoint)
     kwargs = dict(config["model_config"])
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False
     if "weights" in kwargs:
         kwargs["weights"] = None
-    model = create_model(config["train"]["model"], **kwargs)
+    model_name = config["train"]["model"]
+    check_weights_fit(model_name, kwargs, checkpoint_shapes(found, model_file=found.name == MODEL_FILE), found,
+                      config_path)
+    checkpoint = load_checkpoint(found)
+    state = checkpoint["state_dict"] if found.name == MODEL_FILE else model_state(checkpoint)
+    model = create_model(model_name, **kwargs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
