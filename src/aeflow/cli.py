@@ -141,8 +141,13 @@ def train(
     if labelled_anomalies:
         values["labelled_anomalies"] = labelled_anomalies
     run_dir = runs / (name or f"{model}-{data}-s{seed}")
+    from aeflow.training import TrainConfig
+    from aeflow.training.schema import check_model_options
+
     with user_errors():
-        train_run(values, run_dir, resume=resume)
+        config = TrainConfig.from_dict(values)  # every option is checked before any data is read
+        check_model_options(config.model, config.model_kwargs, where="-m/--model-option")
+        train_run(config, run_dir, resume=resume)
     typer.echo(f"run saved in {run_dir}")
 
 
@@ -154,14 +159,23 @@ def test_run(
     root: Optional[Path] = typer.Option(None, "--root", help="Where the data lives now, if it moved since training."),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    use_threshold: Optional[bool] = typer.Option(None, "--use-threshold/--keep-threshold", help="Make this rule's "
+                                                 "threshold the one predict and serve use (threshold.json), or keep "
+                                                 "the one in use; by default only a run without one gets it. Every "
+                                                 "rule's threshold is kept in thresholds.json either way."),
 ):
-    """Score the run's validation and test splits; write threshold.json, metrics.json/.csv and report.html."""
+    """Score the run's validation and test splits; write thresholds.json (threshold.json), metrics.json/.csv and
+    report.html."""
     from aeflow.evaluation.assess import evaluate_run
 
     with user_errors():
         metrics = evaluate_run(run, rule=rule, rule_params=parse_options(rule_option), root=root,
-                               batch_size=batch_size, device=device)
+                               batch_size=batch_size, device=device, use_threshold=use_threshold)
     _print_metrics(metrics)
+    if not metrics["threshold_in_use"]:
+        typer.secho(f"kept {run / 'threshold.json'} as it was: predict and serve still use its rule; pass "
+                    f"--use-threshold to use {metrics['threshold_rule']} (kept in thresholds.json)",
+                    fg=typer.colors.YELLOW)
     typer.echo(f"report: {metrics['report']}")
 
 

@@ -43,3 +43,18 @@ def test_user_errors_are_one_line_and_exit_code_2(run_dir, tmp_path):
     for verb in ("predict", "export", "serve"):
         help_text = runner.invoke(cli(), [verb, "--help"]).output
         assert "--run" in help_text
+
+
+def test_predict_of_nothing_readable_exits_non_zero_and_keeps_earlier_results(run_dir, tmp_path):
+    image = tmp_path / "a.png"
+    Image.fromarray((phantoms(1)[0, 0].numpy() * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli(), ["predict", "--run", str(run_dir), str(image), "--out", str(out)]).exit_code == 0
+    before = (out / "predictions.csv").read_bytes()
+    again = runner.invoke(cli(), ["predict", "--run", str(run_dir), str(tmp_path / "missing.png"), "--out", str(out)])
+    assert again.exit_code == 2 and "already holds results" in again.output
+    assert (out / "predictions.csv").read_bytes() == before
+    empty = runner.invoke(cli(), ["predict", "--run", str(run_dir), str(tmp_path / "missing.png"), "--out",
+                                  str(tmp_path / "new")])
+    assert empty.exit_code == 2 and "nothing could be scored" in empty.output and "Traceback" not in empty.output

@@ -112,3 +112,77 @@ def test_shards_split_the_work_without_overlap(loaded, tmp_path):
     assert len(paths[0]) == 3 and len(paths[1]) == 2
     assert sorted(paths[0] + paths[1]) == sorted(str(folder / f"{i}.png") for i in range(5))
     assert len(list((out / "overlays").iterdir())) == 5
+
+
+def test_a_folder_with_results_is_refused_unless_overwritten(loaded, tmp_path):
+    image = tmp_path / "a.png"
+    Image.fromarray(as_uint16(phantoms(1)[0, 0].numpy())).save(image)
+    out = tmp_path / "out"
+    predict_paths(loaded.run_dir, [image], out, run=loaded, progress=False)
+    before = (out / "predictions.csv").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds results .*choose a new --out folder, or pass --overwrite"):
+        predict_paths(loaded.run_dir, [tmp_path / "missing.png"], out, run=loaded, progress=False)
+    assert (out / "predictions.csv").read_bytes() == before  # the earlier results are untouched
+    stale = out / "overlays" / "000007_old.png"
+    stale.write_bytes(b"an overlay of an earlier run")
+    predict_paths(loaded.run_dir, [image], out, run=loaded, progress=False, overwrite=True, overlays=False)
+    assert not stale.exists() and not any((out / "overlays").iterdir())  # no overlay of another run beside it
+
+
+def test_nothing_scored_is_an_error_after_listing_why(loaded, tmp_path):
+    from aeflow.errors import DataError
+
+    with pytest.raises(DataError, match=r"nothing could be scored"):
+        predict_paths(loaded.run_dir, [tmp_path / "missing.png"], tmp_path / "out", run=loaded, progress=False)
+    assert read_csv(tmp_path / "out" / "skipped.csv") == [{"path": str(tmp_path / "missing.png"),
+                                                           "reason": "file not found"}]
+
+
+def test_files_of_odd_channel_counts_are_skipped_and_the_rest_of_the_batch_scored(loaded, tmp_path):
+    import tifffile
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    names = []
+    for i, image in enumerate(phantoms(4, seed=5)[:, 0].numpy()):
+        Image.fromarray(as_uint16(image)).save(folder / f"{i}_good.png")
+        names.append(f"{i}_good.png")
+        if i in (1, 2):  # bad files in the middle of a batch: they broke torch.stack before
+            tifffile.imwrite(folder / f"{i}_bad.tif", np.zeros((64, 64, 3 + i), np.uint8), photometric="minisblack",
+                             planarconfig="contig")
+    np.savez(folder / "two.npz", train_images=np.zeros((1, 28, 28, 2), np.uint8))
+    csv_path = predict_paths(loaded.run_dir, [folder, folder / "two.npz"], tmp_path / "out", batch_size=8,
+                             run=loaded, progress=False, overlays=False)
+    assert sorted(r["path"] for r in read_csv(csv_path)) == sorted(str(folder / n) for n in names)
+    skipped = {r["path"]: r["reason"] for r in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert set(skipped) == {str(folder / "1_bad.tif"), str(folder / "2_bad.tif"), str(folder / "two.npz")}
+    assert all("channels per pixel" in reason or "samples per pixel" in reason for reason in skipped.values())
+
+
+def test_thresholds_are_kept_per_rule_and_the_one_in_use_is_chosen(loaded, tmp_path):
+    from aeflow.evaluation.thresholds import (THRESHOLDS_FILE, Threshold, fitted_thresholds, save_threshold,
+                                              threshold_in_use)
+
+    run = tmp_path / "run"
+    shutil.copytree(loaded.run_dir, run)
+    first = threshold_in_use(run)
+    other = Threshold(value=first.value + 1.0, rule="f1_optimal", fitted_on="x", n_fit=3)
+    assert save_threshold(run, other) is False  # the run has one in use: it is not replaced silently
+    assert threshold_in_use(run) == first and set(fitted_thresholds(run)) == {first.rule, "f1_optimal"}
+    assert threshold_in_use(run, "f1_optimal") == other
+    image = tmp_path / "a.png"
+    Image.fromarray(as_uint16(phantoms(1)[0, 0].numpy())).save(image)
+    csv_path = predict_paths(run, [image], tmp_path / "out", progress=False, overlays=False,
+                             threshold_rule="f1_optimal")
+    assert [r["threshold_rule"] for r in read_csv(csv_path)] == ["f1_optimal"]
+    with pytest.raises(ConfigError, match=r"no threshold fitted for rule 'target_sensitivity'; fitted: "):
+        LoadedRun(run, threshold_rule="target_sensitivity")
+    assert save_threshold(run, other, use=True) is True and threshold_in_use(run) == other
+    assert (run / THRESHOLDS_FILE).is_file()
+
+
+def test_a_misspelt_threshold_rule_is_refused_before_anything_is_loaded(tmp_path):
+    from aeflow.evaluation.assess import evaluate_run
+
+    with pytest.raises(ConfigError, match=r"unknown threshold rule 'f1_optimum'"):
+        evaluate_run(tmp_path / "no-such-run", rule="f1_optimum")

@@ -136,3 +136,115 @@ def test_sniff_reads_content_not_names():
     assert sniff(b"II*\x00" + b"\0" * 10) == "tiff"
     assert sniff(b"\0" * 128 + b"DICM" + b"\0" * 10) == "dicom"
     assert sniff(b"GIF89a" + b"\0" * 200) is None
+
+
+# --- what the service says, and what it does not ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_client(run_dir, loaded):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(run_dir, max_pixels=10_000, run=loaded)) as c:
+        yield c
+
+
+def tiff_bytes(pages) -> bytes:
+    import tifffile
+
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tif:
+        for array, kwargs in pages:
+            tif.write(array, **kwargs)
+    return buffer.getvalue()
+
+
+def test_every_response_carries_the_security_headers(strict_client):
+    page = strict_client.get("/")
+    for response in (page, strict_client.get("/health"), strict_client.get("/nowhere"),
+                     strict_client.post("/predict", files={"file": ("a.png", b"junk" * 10, "image/png")})):
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    script = page.text.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(__import__("hashlib").sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in page.headers["content-security-policy"]  # the page's own script, nothing else
+
+
+def test_api_description_is_off_by_default_and_offline_when_on(run_dir, loaded, strict_client):
+    from fastapi.testclient import TestClient
+
+    assert strict_client.get("/docs").status_code == 404
+    assert strict_client.get("/openapi.json").status_code == 404
+    with TestClient(create_app(run_dir, run=loaded, api_docs=True)) as client:
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "/predict" in docs.text
+        assert "http://" not in docs.text and "https://" not in docs.text  # no CDN: works offline
+        assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_no_server_path_in_any_response(run_dir, loaded, tmp_path):
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["data"]["root"] = "/secret/hospital/archive"
+    (run / "config.json").write_text(json.dumps(config))
+    with TestClient(create_app(run)) as client:
+        model = client.get("/model")
+        assert model.status_code == 200 and "/secret" not in model.text
+        assert model.json()["training"]["data"]["layout"] == "synthetic"
+        good = png_bytes((phantoms(1)[0, 0].numpy() * 255).astype(np.uint8))
+        for body in (good[:100], b"II*\x00" + b"\xff" * 60, b"\0" * 128 + b"DICM" + b"\x02\x00" * 20):
+            response = client.post("/predict", files={"file": ("scan.png", body, "image/png")})
+            assert response.status_code == 422, response.text
+            assert "aeflow-upload-" not in response.text and str(tmp_path) not in response.text
+            assert "/tmp" not in response.text and "/dev/shm" not in response.text
+            assert response.json()["detail"].startswith("scan.png: ")
+
+
+def test_size_limits_hold_for_every_page_and_channel_counts_are_4xx(strict_client):
+    small_then_planar = tiff_bytes([(np.zeros((8, 8), np.uint8), {}),
+                                    (np.zeros((3, 1200, 1200), np.uint8), {"photometric": "rgb",
+                                                                            "planarconfig": "separate",
+                                                                            "compression": "zlib"})])
+    assert strict_client.post("/predict", files={"file": ("p.tif", small_then_planar)}).status_code == 200
+    planar = strict_client.post("/predict?frame=1", files={"file": ("p.tif", small_then_planar)})
+    assert planar.status_code == 413 and "page 1 has 1440000 pixels" in planar.json()["detail"]
+    for channels in (2, 5):
+        body = tiff_bytes([(np.zeros((16, 16, channels), np.uint8), {"photometric": "minisblack",
+                                                                      "planarconfig": "contig"})])
+        response = strict_client.post("/predict", files={"file": ("c.tif", body)})
+        assert response.status_code == 422 and "per pixel" in response.json()["detail"]
+
+
+def test_malformed_queries_are_4xx_in_words(strict_client):
+    good = png_bytes(np.zeros((16, 16), np.uint8))
+    for query in ("frame=abc", "frame=-1", "frame=99999999999999999999"):
+        response = strict_client.post(f"/predict?{query}", files={"file": ("a.png", good)})
+        assert response.status_code == 422 and response.json()["detail"].startswith("frame: ")
+
+
+def test_a_slow_upload_is_cut_after_the_time_limit(run_dir, loaded):
+    import socket
+    import time
+
+    app = create_app(run_dir, run=loaded, upload_timeout=0.5)
+    with background_server(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + body)  # then nothing more: a client that stalls
+            started = time.monotonic()
+            answer = sock.recv(4096)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408") and b"longer than 0.5 s" in answer
+        assert waited < 3  # the service answered while the client was still holding the upload open
+        with httpx.Client(base_url=base, timeout=30) as client:
+            assert client.get("/health").status_code == 200

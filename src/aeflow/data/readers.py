@@ -297,6 +297,11 @@ _PIL_MODES = {
 
 
 def _read_pil(path: str, options: dict, limits: Limits) -> RawImage:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":  # checked here: Pillow gives up on some
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")  # huge headers
+        limits.check(path, height, width)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides

@@ -14,7 +14,8 @@ import torch
 from aeflow.data import DataSplits, load_splits
 from aeflow.evaluation.metrics import evaluate, write_metrics
 from aeflow.evaluation.report import GalleryItem, collect_versions, pick_gallery, write_report
-from aeflow.evaluation.thresholds import THRESHOLD_FILE, Threshold, make_rule
+from aeflow.evaluation.thresholds import Threshold, make_rule, save_threshold
+from aeflow.errors import ConfigError
 from aeflow.inference import Predictions, predict_dataset
 from aeflow.training import load_run
 
@@ -45,9 +46,20 @@ def evaluate_run(
     batch_size: int = 32,
     device: str = "auto",
     gallery_per_section: int = 4,
+    use_threshold: bool | None = None,
 ) -> dict:
-    """Evaluate the run in `run_dir` on its own saved splits; returns the metrics dict it wrote."""
+    """Evaluate the run in `run_dir` on its own saved splits; returns the metrics dict it wrote.
+
+    The fitted threshold is kept in thresholds.json next to those of other rules; it becomes the one predict and
+    serve use (threshold.json) when `use_threshold` is True, or when the run has none yet and it is None; an
+    existing threshold.json of another rule is never replaced silently (`metrics["threshold_in_use"]` says).
+    The rule and its parameters are checked before anything is loaded or scored.
+    """
     run_dir = Path(run_dir)
+    if rule is not None:
+        make_rule(rule, **(rule_params or {}))  # fail fast: a misspelt rule is refused before any scoring
+    elif rule_params:
+        raise ConfigError("threshold rule parameters given without a rule (--threshold-rule)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     started = time.perf_counter()
     model, config = load_run(run_dir, device=device)
@@ -65,7 +77,7 @@ def evaluate_run(
 
     val = predict_dataset(model, splits.val, batch_size=batch_size, device=device, keep_maps=False)
     threshold = fit_threshold(val, rule, rule_params)
-    (run_dir / THRESHOLD_FILE).write_text(json.dumps(threshold.to_dict(), indent=2))
+    in_use = save_threshold(run_dir, threshold, use=use_threshold)
     scored_val = time.perf_counter()
 
     test = predict_dataset(model, splits.test, batch_size=batch_size, device=device, keep_maps=True,
@@ -82,6 +94,7 @@ def evaluate_run(
     metrics["model"] = train_config["model"]
     metrics["backbone"] = config["model_config"].get("backbone", "")
     metrics["seed"] = train_config["seed"]
+    metrics["threshold_in_use"] = in_use
     write_metrics(metrics, run_dir)
 
     picked = pick_gallery(test.pred_score, test.labels, threshold, per_section=gallery_per_section)

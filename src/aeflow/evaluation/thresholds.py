@@ -24,8 +24,11 @@ next lower validation score, so validation predictions are exactly the optimum's
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -259,3 +262,72 @@ def make_rule(name: str, **params) -> ThresholdRule:
         return RULES[name](**params)
     except TypeError as e:
         raise ConfigError(f"threshold rule {name!r}: {e}") from None
+
+
+# --- the run folder's thresholds: one per rule, and the one in use ---------------------------------------------------
+
+#: Every threshold `aeflow test` has fitted for a run, keyed by rule (e.g. "conformal_fpr(alpha=0.05)").
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def _read_thresholds(path: Path) -> list[Threshold]:
+    try:
+        document = json.loads(path.read_text())
+        entries = [document] if path.name == THRESHOLD_FILE else list(document.values())
+        # a threshold may hold just {"value", "rule"}; the fit's provenance fields are optional here
+        return [Threshold.from_dict({"fitted_on": "", "n_fit": 0, **entry}) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: not a threshold file with a numeric 'value' and a 'rule' ({exc})") from exc
+
+
+def fitted_thresholds(run_dir: str | Path) -> dict[str, Threshold]:
+    """The run's thresholds by rule: thresholds.json, plus threshold.json's for a run tested before thresholds
+    were kept per rule; ConfigError for a file that cannot be read."""
+    run_dir = Path(run_dir)
+    found: dict[str, Threshold] = {}
+    for path in (run_dir / THRESHOLD_FILE, run_dir / THRESHOLDS_FILE):
+        if path.is_file():
+            found.update((t.rule, t) for t in _read_thresholds(path))
+    return found
+
+
+def save_threshold(run_dir: str | Path, threshold: Threshold, *, use: bool | None = None) -> bool:
+    """Keep `threshold` in thresholds.json next to the rules fitted before (a re-fit of the same rule replaces
+    it), and make it the one predict and serve use (threshold.json) when `use` is True, or when the run has none
+    yet and `use` is None. Returns whether threshold.json now holds it. Both files are replaced atomically."""
+    run_dir = Path(run_dir)
+    kept = {rule: t.to_dict() for rule, t in fitted_thresholds(run_dir).items()}
+    in_use = (run_dir / THRESHOLD_FILE).is_file()
+    kept[threshold.rule] = threshold.to_dict()
+    _write_json(run_dir / THRESHOLDS_FILE, kept)
+    if use or (use is None and not in_use):
+        _write_json(run_dir / THRESHOLD_FILE, threshold.to_dict())
+        return True
+    return False
+
+
+def threshold_in_use(run_dir: str | Path, rule: str | None = None) -> Threshold:
+    """The threshold predict and serve apply: threshold.json, or with `rule` the one fitted for that rule
+    (by its full name, "conformal_fpr(alpha=0.05)", or its base name when only one of that name was fitted)."""
+    run_dir = Path(run_dir)
+    if rule is None:
+        path = run_dir / THRESHOLD_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: the run has no decision threshold fitted on validation data. "
+                              f"Run `aeflow test --run {run_dir}` to fit one, or retrain the run")
+        return _read_thresholds(path)[0]
+    fitted = fitted_thresholds(run_dir)
+    if rule in fitted:
+        return fitted[rule]
+    matches = [t for name, t in fitted.items() if name.split("(")[0] == rule]
+    if len(matches) == 1:
+        return matches[0]
+    choices = ", ".join(sorted(fitted)) or "none (run `aeflow test` first)"
+    what = f"{len(matches)} thresholds of rule" if matches else "no threshold fitted for rule"
+    raise ConfigError(f"{run_dir}: {what} {rule!r}; fitted: {choices}")
+
+
+def _write_json(path: Path, document) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2))
+    os.replace(tmp, path)

@@ -14,6 +14,10 @@ RUN_HELP = ("Run folder written by `aeflow train` (config.json, model.safetensor
             "`aeflow test`.")
 
 
+THRESHOLD_RULE_HELP = ("Use the threshold `aeflow test` fitted for this rule (thresholds.json), e.g. f1_optimal or "
+                       "'conformal_fpr(alpha=0.05)', instead of the one in threshold.json.")
+
+
 def _slice_range(text: Optional[str]) -> Optional[tuple[int, int]]:
     if text is None:
         return None
@@ -51,6 +55,9 @@ def predict(
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: score only every N-th image starting at I (run "
                                                               "N processes with I = 0..N-1 on a large archive)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results already in --out (without it, a "
+                                                              "folder holding results is refused)."),
+    threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help=THRESHOLD_RULE_HELP),
 ):
     """Score images with a trained run: a CSV of scores and verdicts, and heat-map overlays.
 
@@ -61,7 +68,8 @@ def predict(
     with user_errors():
         csv_path = predict_paths(run, list(inputs), out, batch_size=batch_size, skip_bad=not strict,
                                  overlays=overlays, axis=axis, slice_range=_slice_range(slices),
-                                 shard=_shard(shard), device=device)
+                                 shard=_shard(shard), device=device, overwrite=overwrite,
+                                 threshold_rule=threshold_rule)
     typer.echo(f"wrote {csv_path}")
     skipped_path = csv_path.with_name(csv_path.name.replace("predictions", "skipped", 1))
     with open(skipped_path, newline="") as f:
@@ -97,12 +105,18 @@ def serve(
     max_upload_mb: float = typer.Option(20, "--max-upload-mb", min=0.001, help="Largest accepted upload."),
     max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", min=1, help="Largest accepted image "
                                                                            "(pixels, all frames together)."),
+    upload_timeout: float = typer.Option(30, "--upload-timeout", min=0.1, help="Seconds a client may take to send "
+                                                                                "one upload (408 beyond)."),
+    api_docs: bool = typer.Option(False, "--api-docs", help="Serve the API description at /docs and "
+                                                            "/openapi.json (off by default; served offline)."),
+    threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help=THRESHOLD_RULE_HELP),
 ):
     """Serve the run over HTTP: a web page at /, and POST /predict, GET /model, GET /health."""
     from aeflow.serving.server import serve as run_server
 
     with user_errors():
-        run_server(run, host, port, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
+        run_server(run, host, port, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                   upload_timeout=upload_timeout, api_docs=api_docs, threshold_rule=threshold_rule)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from aeflow.data import ImageDataset, Record, Sample
 from aeflow.errors import ConfigError
-from aeflow.evaluation.thresholds import THRESHOLD_FILE, Threshold
+from aeflow.evaluation.thresholds import Threshold, threshold_in_use
 
 #: Overlays are drawn at least this many pixels wide, so a 64 or 128 px model input is still readable.
 OVERLAY_MIN_SIDE = 256
@@ -37,32 +37,22 @@ class Scored:
     anomaly_map: np.ndarray  # H x W float32
 
 
-def read_threshold(run_dir: str | Path) -> Threshold:
-    """The run's threshold.json as a `Threshold`; ConfigError telling how to make one when it is missing."""
-    path = Path(run_dir) / THRESHOLD_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} is missing: the run has no decision threshold fitted on validation data. "
-            f"Run `aeflow test --run {run_dir}` to fit one, or retrain the run"
-        )
-    try:
-        document = json.loads(path.read_text())
-        # threshold.json may hold just {"value", "rule"}; the fit's provenance fields are optional here.
-        return Threshold.from_dict({"fitted_on": "", "n_fit": 0, **document})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a threshold file with a numeric 'value' and a 'rule' ({exc})") from exc
+def read_threshold(run_dir: str | Path, rule: str | None = None) -> Threshold:
+    """The threshold the run's predictions use: threshold.json, or with `rule` the one `aeflow test` fitted for
+    that rule (see aeflow.evaluation.thresholds.threshold_in_use); ConfigError telling how to make one."""
+    return threshold_in_use(run_dir, rule)
 
 
 class LoadedRun:
     """A run folder's model, pre-processing and threshold. `score` is safe to call from several threads."""
 
-    def __init__(self, run_dir: str | Path, *, device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, *, device: str = "cpu", threshold_rule: str | None = None):
         from aeflow.training import load_run
 
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise ConfigError(f"run folder {self.run_dir} does not exist")
-        self.threshold = read_threshold(self.run_dir)  # before the (slower) model load: fail fast
+        self.threshold = read_threshold(self.run_dir, threshold_rule)  # before the (slower) model load: fail fast
         self.model, self.config = load_run(self.run_dir, device=device)
         self.device = device
         train = self.config.get("train", {})

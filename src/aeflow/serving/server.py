@@ -8,10 +8,18 @@
                    {pred_score, pred_label, threshold, threshold_rule, anomaly_map_png, width, height, format}
 
 Uploads are checked before any decoding: the body is streamed with a cap (413 when a declared Content-Length or
-the bytes actually received exceed it), the type is read from the file's magic bytes, not its name (415), and
-the image dimensions from its header (413 above `max_pixels`); a file that then fails to decode is a 422, a
-malformed multipart body a 400. The upload lives in memory; the decoders of `aeflow.data` read a path, so it is
-handed to them as a private temporary file (in /dev/shm where available, i.e. RAM) that is removed at once.
+the bytes actually received exceed it) and a time limit (408 when the whole body takes longer than
+`upload_timeout` seconds), the type is read from the file's magic bytes, not its name (415), and the data layer's
+readers check the dimensions the header declares, of the frame or page asked for, before decoding (413 above
+`max_pixels`); a file that then fails to decode is a 422, a malformed multipart body or query a 400/422. Every
+error body is {"detail": "..."} in words: never a server path, a traceback or a library's internals (an
+unexpected failure is a 500 that says only that). The upload lives in memory; the decoders of `aeflow.data` read
+a path, so it is handed to them as a private temporary file (in /dev/shm where available, i.e. RAM) that is
+removed at once, and whose name is replaced by the upload's in any message.
+
+Every response carries a Content-Security-Policy (the page's own inline script and style only, by hash; no other
+origin), X-Frame-Options: DENY, X-Content-Type-Options: nosniff and Referrer-Policy: no-referrer. The API
+description (/docs, /openapi.json) is off unless `api_docs=True`, and then /docs is a self-contained page (no CDN).
 
 The model is loaded once, when the app is created, through `aeflow.training.load_run` (safetensors: nothing is
 unpickled). Requests are decoded in FastAPI's thread pool; forward passes take a lock (see `LoadedRun.score`).
@@ -19,15 +27,18 @@ unpickled). Requests are decoded in FastAPI's thread pool; forward passes take a
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
-import io
+import hashlib
+import html
+import logging
 import os
+import re
 import socket
-import struct
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,11 +46,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 import aeflow
-from aeflow.errors import AeflowError, BadFileError
+from aeflow.errors import AeflowError, BadFileError, TooLargeError
 from aeflow.serving.runtime import LoadedRun, json_float, png_base64, render_overlay
 
 #: Extension the data layer needs to pick its decoder, by sniffed type.
@@ -47,6 +60,7 @@ SUFFIXES = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
 #: Multipart framing (boundaries, part headers) allowed on top of the file itself.
 _MULTIPART_OVERHEAD = 64 * 1024
 _MAX_PARTS = 4
+log = logging.getLogger("aeflow.serving")
 
 
 def sniff(data: bytes) -> str | None:
@@ -60,41 +74,6 @@ def sniff(data: bytes) -> str | None:
     if data[128:132] == b"DICM":  # DICOM Part 10: 128-byte preamble, then the magic
         return "dicom"
     return None
-
-
-def declared_pixels(data: bytes, kind: str) -> int:
-    """Pixels the file's header says it holds (all frames together), read without decoding any pixel data.
-
-    Raises BadFileError when the header itself cannot be read.
-    """
-    try:
-        if kind == "png":  # the IHDR chunk must come first: width and height at bytes 16-23, big-endian
-            if data[12:16] != b"IHDR":
-                raise ValueError("the first chunk is not IHDR")
-            width, height = struct.unpack(">II", data[16:24])
-            return width * height
-        if kind == "jpeg":
-            from PIL import Image
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller's limit decides
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        return im.width * im.height
-                except Image.DecompressionBombError:  # PIL refuses headers over 2 x MAX_IMAGE_PIXELS outright
-                    return 2 * Image.MAX_IMAGE_PIXELS + 1
-        if kind == "tiff":
-            import tifffile
-
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = tif.pages[0]
-                return int(page.imagewidth) * int(page.imagelength)
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-    except Exception as exc:  # noqa: BLE001 - every header-parsing failure is "undecodable"
-        raise BadFileError("upload", f"cannot read the {kind} header: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -135,8 +114,17 @@ class _FormCollector:
         self._value.clear()
 
 
-async def read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
-    """(file name, bytes) of the multipart field "file", streamed with a cap of `max_bytes` (413 beyond it)."""
+async def read_upload(request: Request, max_bytes: int, timeout: float = 30.0) -> tuple[str, bytes]:
+    """(file name, bytes) of the multipart field "file", streamed with a cap of `max_bytes` (413 beyond it) and
+    a limit of `timeout` seconds for the whole body (408 beyond it)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_upload(request, max_bytes)
+    except TimeoutError:
+        raise HTTPException(408, f"the upload took longer than {timeout:g} s") from None
+
+
+async def _read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
     content_type = request.headers.get("content-type", "")
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
@@ -158,13 +146,19 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[str, bytes]:
     except HTTPException:
         raise
     except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors
-        raise HTTPException(400, f"malformed multipart body: {exc}") from exc
+        raise HTTPException(400, f"malformed multipart body ({type(exc).__name__})") from None
     for part in collector.parts:
         if part.disposition.get("name") == "file":
             if len(part.data) > max_bytes:
                 raise HTTPException(413, f"file of {len(part.data)} bytes is over the limit of {max_bytes} bytes")
-            return part.disposition.get("filename", "upload"), bytes(part.data)
+            return _client_name(part.disposition.get("filename", "upload")), bytes(part.data)
     raise HTTPException(400, "no field named 'file' in the form")
+
+
+def _client_name(name: str) -> str:
+    """The upload's own name, as it is echoed in messages: no folders, no control characters, at most 80 long."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name.replace("\\", "/").rsplit("/", 1)[-1])[:80]
+    return name or "upload"
 
 
 class _Service:
@@ -180,22 +174,25 @@ class _Service:
         if kind is None:
             raise HTTPException(415, f"{name}: not a PNG, JPEG, TIFF or DICOM file (judged by its content, "
                                      "not its name)")
-        try:
-            pixels = declared_pixels(data, kind)
-        except BadFileError as error:
-            raise HTTPException(422, f"{name}: {error.reason}") from None
-        if pixels > self.max_pixels:
-            raise HTTPException(413, f"{name}: {pixels} pixels, over the limit of {self.max_pixels}")
         fd, path = tempfile.mkstemp(prefix="aeflow-upload-", suffix=SUFFIXES[kind], dir=self.temp_root)
+
+        def said(text: str) -> str:  # a message about the upload, with the temporary file's name replaced by its own
+            return text.replace(path, name).replace(os.path.basename(path), name)
+
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             source = path if frame == 0 else f"{path}#frame={frame}"
             sample = self.run.dataset([source], max_pixels=self.max_pixels)[0]
+        except TooLargeError as error:
+            raise HTTPException(413, f"{name}: {said(error.reason)}") from None
         except BadFileError as error:
-            raise HTTPException(422, f"{name}: {error.reason}") from None
+            raise HTTPException(422, f"{name}: {said(error.reason)}") from None
         except AeflowError as error:  # e.g. the run's intensity rule needs DICOM window tags the file lacks
-            raise HTTPException(422, f"{name}: {error}") from None
+            raise HTTPException(422, f"{name}: {said(str(error))}") from None
+        except Exception as exc:  # noqa: BLE001 - whatever a decoder raises is the file's problem, said plainly
+            log.warning("upload %r could not be decoded: %s", name, exc)
+            raise HTTPException(422, f"{name}: cannot decode the {kind} file ({type(exc).__name__})") from None
         finally:
             os.unlink(path)
         result = self.run.score_samples([sample])[0]
@@ -217,12 +214,42 @@ class _Service:
 
 
 def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: int = 4096 * 4096,
-               run: LoadedRun | None = None) -> FastAPI:
-    """The FastAPI app serving the run in `run_dir` (loaded now, once; or `run`, already loaded)."""
-    service = _Service(run or LoadedRun(run_dir), int(max_upload_mb * 1024 * 1024), int(max_pixels))
+               run: LoadedRun | None = None, upload_timeout: float = 30.0, api_docs: bool = False,
+               threshold_rule: str | None = None) -> FastAPI:
+    """The FastAPI app serving the run in `run_dir` (loaded now, once; or `run`, already loaded).
+
+    upload_timeout: seconds a client may take to send one upload (408 beyond). api_docs: serve /openapi.json and
+    a self-contained /docs page (off by default). threshold_rule: the rule whose threshold (thresholds.json) the
+    verdicts use instead of threshold.json's.
+    """
+    run = run or LoadedRun(run_dir, threshold_rule=threshold_rule)
+    service = _Service(run, int(max_upload_mb * 1024 * 1024), int(max_pixels))
     page = resources.files("aeflow.serving").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="aeflow", version=aeflow.__version__,
-                  description="Anomaly scores and heat maps for medical images from a trained aeflow run.")
+                  description="Anomaly scores and heat maps for medical images from a trained aeflow run.",
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if api_docs else None)
+    headers = security_headers(page)
+
+    @app.middleware("http")
+    async def add_security_headers(request: Request, call_next):
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - a bug must not leak a traceback to the client
+            log.exception("unexpected error serving %s %s", request.method, request.url.path)
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+        response.headers.update(headers)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', '')}"
+                             for e in error.errors())
+        return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -234,14 +261,64 @@ def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: in
 
     @app.get("/model")
     def model() -> dict:
-        return {**service.run.metadata(), "max_upload_bytes": service.max_bytes, "max_pixels": service.max_pixels}
+        return {**public_metadata(service.run.metadata()), "max_upload_bytes": service.max_bytes,
+                "max_pixels": service.max_pixels}
 
     @app.post("/predict")
-    async def predict(request: Request, frame: int = Query(0, ge=0, description="frame or page to score")) -> dict:
-        name, data = await read_upload(request, service.max_bytes)
+    async def predict(request: Request, frame: int = Query(0, ge=0, le=2**16, description="frame or page to score")
+                      ) -> dict:
+        name, data = await read_upload(request, service.max_bytes, upload_timeout)
         return await run_in_threadpool(service.score_upload, name, data, frame)
 
+    if api_docs:
+        @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+        def docs() -> str:
+            return api_page(app.openapi())
+
     return app
+
+
+def security_headers(page: str) -> dict[str, str]:
+    """Headers sent with every response; the CSP allows the web page's own inline script and style by hash."""
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src 'self' {hashes('script')}; style-src 'self' {hashes('style')}; "
+              "img-src 'self' data: blob:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+              "frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def public_metadata(metadata: dict) -> dict:
+    """The run's metadata without anything that names a place on the server (data roots, weight files, paths)."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in ("root", "weights", "path", "paths")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            return "(a path, not shown)"
+        return value
+
+    return clean(metadata)
+
+
+def api_page(schema: dict) -> str:
+    """A self-contained page describing the API from its OpenAPI schema (no script, no CDN)."""
+    rows = []
+    for route, methods in sorted(schema.get("paths", {}).items()):
+        for method, operation in methods.items():
+            parameters = ", ".join(p["name"] for p in operation.get("parameters", []))
+            rows.append(f"<tr><td>{html.escape(method.upper())}</td><td>{html.escape(route)}</td>"
+                        f"<td>{html.escape(operation.get('summary', ''))}</td><td>{html.escape(parameters)}</td></tr>")
+    info = schema.get("info", {})
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(info.get('title', 'API'))} API"
+            f"</title></head><body><h1>{html.escape(info.get('title', ''))} {html.escape(info.get('version', ''))}"
+            f"</h1><p>{html.escape(info.get('description', ''))}</p><p>The full description: "
+            f"<a href='/openapi.json'>/openapi.json</a>.</p><table><tr><th>method</th><th>path</th><th>summary</th>"
+            f"<th>parameters</th></tr>{''.join(rows)}</table></body></html>")
 
 
 @contextlib.contextmanager
@@ -270,9 +347,11 @@ def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_upload_mb: float = 20,
-          max_pixels: int = 4096 * 4096) -> None:
-    """Load the run and serve it with uvicorn until interrupted."""
+          max_pixels: int = 4096 * 4096, upload_timeout: float = 30.0, api_docs: bool = False,
+          threshold_rule: str | None = None) -> None:
+    """Load the run and serve it with uvicorn until interrupted (idle connections are closed after 5 s)."""
     import uvicorn
 
-    app = create_app(run_dir, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(run_dir, max_upload_mb=max_upload_mb, max_pixels=max_pixels, upload_timeout=upload_timeout,
+                     api_docs=api_docs, threshold_rule=threshold_rule)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5, server_header=False)
