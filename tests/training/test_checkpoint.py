@@ -88,3 +88,43 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def _killed_writer_pid() -> int:
+    """The pid of a process that has exited (as a writer killed mid-write has)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_killed_writers_are_removed_at_the_next_write(tmp_path):
+    import os
+
+    from aeflow.training.checkpoint import remove_stale_temporaries
+
+    dead = tmp_path / f".last.safetensors.tmp-{_killed_writer_pid()}"
+    dead.write_bytes(b"\0" * 1000)  # what a kill during save_file leaves behind
+    alive = tmp_path / f".best.safetensors.tmp-{os.getppid()}"  # a live process's write in progress
+    alive.write_bytes(b"\0" * 10)
+    unrelated = tmp_path / "notes.tmp-123"
+    unrelated.write_text("not ours")
+    save_checkpoint({"epoch": 0, "w": torch.ones(2)}, tmp_path / "last.safetensors")
+    assert not dead.exists() and alive.exists() and unrelated.exists()
+    assert remove_stale_temporaries(tmp_path) == []
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    from aeflow.training.checkpoint import newest_valid_checkpoint
+
+    best, last = tmp_path / "best.safetensors", tmp_path / "last.safetensors"
+    save_checkpoint({"epoch": 2, "global_step": 30, "w": torch.ones(2)}, best)
+    assert newest_valid_checkpoint([last, best]) == best  # killed during the first write of `last`
+    save_checkpoint({"epoch": 4, "global_step": 50, "w": torch.ones(2)}, last)
+    assert newest_valid_checkpoint([last, best]) == last
+    last.write_bytes(last.read_bytes()[:100])  # torn by a disk fault
+    assert newest_valid_checkpoint([last, best]) == best
+    best.write_bytes(b"junk")
+    assert newest_valid_checkpoint([last, best]) is None

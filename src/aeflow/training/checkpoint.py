@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(checkpoint, tensors, "checkpoint")
+    remove_stale_temporaries(path.parent)
     metadata = {"format": FORMAT, "skeleton": json.dumps(skeleton)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -52,6 +54,54 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files (`.NAME.tmp-PID`) that writers killed mid-write left in `directory`: those
+    whose process is gone. A temporary of a live process (another writer, now) is left alone. Returns the removed."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for candidate in directory.iterdir():
+        match = _TEMPORARY.match(candidate.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # a write of this process, perhaps in progress; its own `finally` removes it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or a pid we cannot ask about: keep its file
+    return True
+
+
+def newest_valid_checkpoint(paths) -> Path | None:
+    """Of the given checkpoint files, the one that loads and is furthest in training (epoch, then global step);
+    None if none does. For resuming: a torn or missing `last` falls back to a whole `best`."""
+    best, best_key = None, None
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path)
+            key = (int(state["epoch"]), int(state["global_step"]))
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
