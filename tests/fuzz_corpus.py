@@ -361,3 +361,315 @@ def build_corpus(folder: str | Path, *, mutants_per_seed: int = 0, seed: int = 0
         os.symlink(loop.name, loop)  # a link to itself: every open fails with ELOOP
     paths.append(loop)
     return paths
+
+
+# --- the harness: every input through every reader, predict (with and without --strict), describe and the service ---
+
+#: What each stage of `check_file` can say about one input.
+OUTCOMES = ("ok", "refused", "traceback", "silent_drop", "unnamed", "5xx", "leak")
+STAGES = ("read", "predict", "strict", "describe", "service")
+
+
+def check_file(path: Path, context: dict) -> dict[str, str]:
+    """Run one input through every stage; stage -> outcome (see OUTCOMES), with ': detail' for failures.
+
+    read      expand_source, then read_raw and the run's own decoding (intensity, channels, resize) of each source
+    predict   predict_paths(skip_bad=True): the input must be in predictions.csv or skipped.csv
+    strict    predict_paths(skip_bad=False): scored, or the project's error
+    describe  load_data('folder') over a folder of good images plus this input (skip_bad): listed or skipped
+    service   POST /predict (and ?frame=1): any status below 500, no server path in the body
+    """
+    import csv
+    import shutil
+    import traceback
+
+    from aeflow.data import ImageDataset, Record, expand_source, load_data, read_raw
+    from aeflow.data.readers import READABLE_SUFFIXES, split_source
+    from aeflow.errors import AeflowError, BadFileError
+    from aeflow.serving.predict import predict_paths
+
+    run, client, scratch = context["run"], context["client"], Path(context["scratch"])
+    name = str(path)
+    result: dict[str, str] = {}
+
+    def names_it(error: Exception) -> bool:
+        text = str(error)
+        return name in text or path.name in text or (isinstance(error, BadFileError)
+                                                     and split_source(error.path)[0] in (name, str(path.parent)))
+
+    def attempt(stage: str, fn) -> None:
+        try:
+            outcome = fn()
+            result[stage] = outcome or "ok"
+        except AeflowError as error:
+            result[stage] = "refused" if names_it(error) or stage == "predict" else f"unnamed: {error}"[:300]
+        except Exception as error:  # noqa: BLE001 - the point: anything else is a traceback a user would see
+            frames = traceback.extract_tb(error.__traceback__)
+            where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+            result[stage] = f"traceback: {type(error).__name__} at {where}: {error}"[:300]
+
+    def read() -> None:
+        sources = expand_source(path)
+        dataset = ImageDataset([Record(s, -1) for s in sources[:3]], image_size=run.image_size,
+                               channels=run.channels, intensity=run.intensity)
+        for source in sources[:3]:
+            read_raw(source)
+        for i in range(len(dataset)):
+            dataset[i]
+
+    def listed(out: Path) -> str:
+        rows = {}
+        for table in ("predictions.csv", "skipped.csv"):
+            if (out / table).is_file():
+                with open(out / table, newline="") as f:
+                    rows[table] = {r["path"] for r in csv.DictReader(f)}
+        if name in rows.get("predictions.csv", ()):
+            return "ok"
+        if name in rows.get("skipped.csv", ()):
+            return "refused"
+        return "silent_drop: in neither predictions.csv nor skipped.csv"
+
+    def predict() -> str:
+        out = scratch / "predict"
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            predict_paths(run.run_dir, [path], out, run=run, progress=False, overlays=False, skip_bad=True)
+        except AeflowError as error:
+            if "nothing could be scored" not in str(error):
+                raise
+        return listed(out)
+
+    def strict() -> None:
+        out = scratch / "strict"
+        shutil.rmtree(out, ignore_errors=True)
+        predict_paths(run.run_dir, [path], out, run=run, progress=False, overlays=False, skip_bad=False)
+
+    def describe() -> str:
+        if not path.name.lower().endswith(READABLE_SUFFIXES):
+            return "ok"  # folder layouts read image files only; other endings are not theirs (documented)
+        root = scratch / "describe"
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "normal").mkdir(parents=True)
+        for good in context["good"]:
+            shutil.copy(good, root / "normal" / Path(good).name)
+        target = root / "normal" / path.name
+        if path.is_symlink():
+            os.symlink(target.name, target)  # the loop, moved along
+        else:
+            shutil.copy(path, target)
+        splits = load_data("folder", root, image_size=None, skip_bad=True, test_fraction=0.2, val_fraction=0.2)
+        splits.describe()
+        sources = {r.source for recs in splits.records.splits().values() for r in recs}
+        if str(target) in {split_source(s)[0] for s in sources}:
+            return "ok"
+        if str(target) in {p for p, _ in splits.skipped}:
+            return "refused"
+        return "silent_drop: neither read nor skipped by load_data"
+
+    def service() -> str:
+        data = b"" if path.is_symlink() else path.read_bytes()
+        statuses = []
+        for query in ("", "?frame=1"):
+            response = client.post(f"/predict{query}", files={"file": (path.name, data)})
+            if response.status_code >= 500:
+                return f"5xx: {response.status_code} {response.text[:200]}"
+            if "aeflow-upload-" in response.text or str(scratch) in response.text:
+                return f"leak: {response.text[:200]}"
+            statuses.append(response.status_code)
+        return "ok" if statuses[0] == 200 else "refused"
+
+    for stage, fn in (("read", read), ("predict", predict), ("strict", strict), ("describe", describe),
+                      ("service", service)):
+        attempt(stage, fn)
+    return result
+
+
+def _worker(run_dir: str, scratch: str) -> None:
+    """Read JSON-encoded paths from stdin, answer one JSON line each on the original stdout."""
+    import json
+    import sys
+    import warnings
+
+    warnings.simplefilter("ignore")
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to stderr, never into the protocol
+    import torch
+    from fastapi.testclient import TestClient
+
+    import aeflow.data.readers as readers
+    from aeflow.serving.runtime import LoadedRun
+    from aeflow.serving.server import create_app
+
+    torch.set_num_threads(1)
+    run = LoadedRun(run_dir)
+    good = []
+    for i in range(4):
+        good_path = Path(scratch) / f"good_{i}.png"
+        Image.fromarray(_noise(100 + i, (32, 32))).save(good_path)
+        good.append(good_path)
+    with TestClient(create_app(run_dir, run=run, max_pixels=4096 * 4096)) as client:
+        context = {"run": run, "client": client, "scratch": scratch, "good": good}
+        check_file(good[0], context)  # warm up: the first call pays for lazy imports
+        protocol.write(json.dumps({"ready": _rss_mb(os.getpid())}) + "\n")
+        for line in sys.stdin:
+            path = Path(json.loads(line))
+            readers._npz_array.cache_clear()
+            readers._nifti_volume.cache_clear()
+            _reset_peak()
+            outcome = check_file(path, context)
+            protocol.write(json.dumps({"result": outcome, "peak_mb": _peak_mb()}) + "\n")
+
+
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, so the peak is this input's
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    return _rss_mb(os.getpid(), "VmHWM")
+
+
+class _Worker:
+    def __init__(self, run_dir: Path, scratch: Path):
+        import subprocess
+        import sys
+
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+        self.process = subprocess.Popen([sys.executable, "-c", f"import fuzz_corpus; fuzz_corpus._worker("
+                                         f"{str(run_dir)!r}, {str(scratch)!r})"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        ready = self._answer(120.0, None)
+        if "ready" not in ready:
+            raise RuntimeError(f"the fuzz worker did not start: {ready}")
+        self.baseline = ready["ready"]
+
+    def _answer(self, timeout: float, memory_mb: float | None) -> dict:
+        import json
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            readable, _, _ = select.select([self.process.stdout], [], [], 0.02)
+            if readable:
+                line = self.process.stdout.readline()
+                return json.loads(line) if line else {"dead": self.process.poll()}
+            if memory_mb is not None and _rss_mb(self.process.pid) - self.baseline > memory_mb:
+                return {"memory": _rss_mb(self.process.pid)}
+            if time.monotonic() > deadline:
+                return {"hang": timeout}
+
+    def check(self, path: Path, timeout: float, memory_mb: float) -> dict:
+        import json
+
+        self.process.stdin.write(json.dumps(str(path)) + "\n")
+        self.process.stdin.flush()
+        return self._answer(timeout, memory_mb)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def run_fuzz(paths: list[Path], run_dir: Path, scratch: Path, *, workers: int = 1, timeout: float = 10.0,
+             memory_mb: float = 1024.0) -> dict:
+    """Every input through `check_file` in worker processes, each input bounded by `timeout` seconds and
+    `memory_mb` of memory above the worker's resting size (a worker over either is killed and replaced).
+
+    Returns {"files": {path: {stage: outcome} | {"hang"|"memory"|"dead": ...}}, "peak_mb": max over inputs}.
+    """
+    import threading
+
+    queue = list(paths)
+    lock = threading.Lock()
+    files: dict[str, dict] = {}
+    peak = [0.0]
+
+    def serve(index: int) -> None:
+        worker = _Worker(run_dir, scratch / f"worker{index}")
+        try:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    path = queue.pop(0)
+                answer = worker.check(path, timeout, memory_mb)
+                if "result" in answer:
+                    files[str(path)] = answer["result"]
+                    peak[0] = max(peak[0], answer["peak_mb"] - worker.baseline)
+                else:
+                    files[str(path)] = answer
+                    worker.stop()
+                    worker = _Worker(run_dir, scratch / f"worker{index}")
+        finally:
+            worker.stop()
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"files": files, "peak_mb": peak[0]}
+
+
+def counts(report: dict) -> dict[str, dict[str, int]]:
+    """stage -> outcome -> number of inputs; the stage 'process' counts hangs, memory kills and deaths."""
+    table = {stage: dict.fromkeys(OUTCOMES, 0) for stage in STAGES}
+    table["process"] = {"hang": 0, "memory": 0, "dead": 0}
+    for result in report["files"].values():
+        for key in ("hang", "memory", "dead"):
+            if key in result:
+                table["process"][key] += 1
+        for stage in STAGES:
+            if stage in result:
+                table[stage][result[stage].split(":", 1)[0]] += 1
+    return table
+
+
+def failures(report: dict) -> dict[str, dict]:
+    """The inputs with any outcome besides ok/refused, and what happened."""
+    bad = {}
+    for path, result in report["files"].items():
+        wrong = {k: v for k, v in result.items() if k not in STAGES or v.split(":", 1)[0] not in ("ok", "refused")}
+        if wrong:
+            bad[path] = wrong
+    return bad
+
+
+def batch_predict(paths: list[Path], run_dir: Path, out: Path, *, strict: bool = False, timeout: float = 600.0) -> dict:
+    """`aeflow predict` on every input at once, as a user would run it on an archive (a subprocess).
+
+    Returns the exit code, whether a traceback was printed, the inputs scored and skipped, and those in neither.
+    """
+    import csv
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from aeflow.cli import app; app()", "predict", "--run", str(run_dir),
+               "--out", str(out), "--no-overlays", *map(str, paths)] + (["--strict"] if strict else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tables = {}
+    for table in ("predictions.csv", "skipped.csv"):
+        if (out / table).is_file():
+            with open(out / table, newline="") as f:
+                tables[table] = {row["path"] for row in csv.DictReader(f)}
+    scored, skipped = tables.get("predictions.csv", set()), tables.get("skipped.csv", set())
+    return {"exit": done.returncode, "traceback": "Traceback" in done.stderr + done.stdout,
+            "stderr": done.stderr[-2000:], "scored": scored, "skipped": skipped,
+            "neither": {str(p) for p in paths} - scored - skipped}

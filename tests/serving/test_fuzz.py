@@ -1,0 +1,58 @@
+"""A fast subset of the fuzz corpus (tests/fuzz_corpus.py, built here, never committed) through every reader,
+`predict` with and without strict, the folder layout behind `data describe` and the service: no traceback, no
+hang, no silent drop, no 5xx, no server path in a response. The whole corpus is `benchmarks/fuzz.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fuzz_corpus import STAGES, batch_predict, build_corpus, counts, crafted_files, failures, run_fuzz, seed_files
+
+#: Byte-level mutants per valid seed file in the fast subset (the benchmark runs 66).
+MUTANTS = 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[Path]:
+    return build_corpus(tmp_path_factory.mktemp("corpus"), mutants_per_seed=MUTANTS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def report(corpus, run_dir, tmp_path_factory):
+    return run_fuzz(corpus, run_dir, tmp_path_factory.mktemp("scratch"), workers=1, timeout=10, memory_mb=1024)
+
+
+def test_every_input_gets_a_clear_answer_in_bounded_time_and_memory(corpus, report):
+    table = counts(report)
+    assert len(report["files"]) == len(corpus) == len(seed_files()) * (1 + MUTANTS) + len(crafted_files()) + 1
+    assert failures(report) == {}  # each entry would say which input, which stage and what happened
+    assert table["process"] == {"hang": 0, "memory": 0, "dead": 0}
+    for stage in STAGES:
+        assert table[stage]["ok"] + table[stage]["refused"] == len(corpus), stage
+    assert report["peak_mb"] < 1024
+
+
+def test_valid_seeds_are_read_and_crafted_files_refused_where_they_must_be(report):
+    by_name = {Path(path).name: result for path, result in report["files"].items()}
+    for name in seed_files():
+        assert by_name[f"seed_{name}"]["read"] == "ok", name
+        assert by_name[f"seed_{name}"]["predict"] == "ok", name
+    for name in ("frames_999999999.dcm", "frames_minus3.dcm", "nifti2_1x1x1e9.nii", "nifti1_32767_cubed.nii",
+                 "nifti1_zero_slices.nii", "two_channel.tif", "five_channel.npz", "strings.npz",
+                 "png_1x100000000.png", "symlink_loop.png"):
+        result = by_name[f"crafted_{name}"]
+        assert result["predict"] == "refused", name  # listed in skipped.csv, with its reason
+        assert result["service"] == "refused", name  # a 4xx
+    for name in ("hash#frame=1.png", "hash#1.dcm", "new\nline.png", "ünïcødé_名前.png", "nifti1_rgb24.nii"):
+        assert by_name[f"crafted_{name}"]["predict"] == "ok", name
+
+
+def test_one_batch_of_everything_scores_the_good_and_lists_the_bad(corpus, run_dir, tmp_path):
+    loose = batch_predict(corpus, run_dir, tmp_path / "loose")
+    assert loose["exit"] == 0 and not loose["traceback"], loose["stderr"]
+    assert loose["neither"] == set()
+    seeds = {str(p) for p in corpus if p.name.startswith("seed_")}
+    assert seeds <= loose["scored"]
+    strict = batch_predict(corpus, run_dir, tmp_path / "strict", strict=True)
+    assert strict["exit"] == 2 and not strict["traceback"] and "error: " in strict["stderr"]
