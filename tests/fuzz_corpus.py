@@ -196,6 +196,16 @@ def seed_files() -> dict[str, bytes]:
     }
 
 
+#: Crafted files that are odd but valid: they must be read (names with '#', spaces, newlines, unicode; colour
+#: NIfTI; planar and multi-page TIFF under the limits; highly compressed but honest sizes). Every other crafted
+#: file must be refused with its reason.
+VALID_CRAFTED = frozenset({
+    "name with spaces.png", "ünïcødé_名前.png", "hash#frame=1.png", "hash#1.dcm", "new\nline.png",
+    "comma,and;semicolon.tif", "nifti1_rgb24.nii", "nifti1_rgba32.nii", "planar_3x1200x1200.tif",
+    "small_page0_planar_page1.tif", "zeros_deflated.png", "declares_megabyte_but_deflate.nii.gz",
+})
+
+
 def crafted_files() -> dict[str, bytes]:
     """One file per known way to break a reader (see the module docstring)."""
     gray8, gray16 = _noise(20, (24, 20)), _noise(21, (24, 20), np.uint16)
