@@ -56,3 +56,46 @@ def test_first_training_batch_standardises_the_features():
 def test_rejects_unknown_subnet():
     with pytest.raises(ConfigError, match="subnet"):
         FlowBottleneck(8, subnet="mlp")
+
+
+def test_image_norm_log_det_is_that_of_the_normalised_map():
+    """With input_norm="image" the flow models u = (z - m(z)) / s(z): its log-determinant is that of u -> z'."""
+    from aeflow.nn.flow import image_norm
+
+    torch.manual_seed(0)
+    flow = FlowBottleneck(4, steps=4, subnet="conv", input_norm="image")
+    with torch.no_grad():
+        for p in flow.parameters():
+            if p.requires_grad:  # not the fixed permutation matrices
+                p.add_(0.1 * torch.randn_like(p))
+    flow = flow.eval().double()
+    z = 3 + 2 * torch.randn(1, 4, 2, 2, dtype=torch.float64)
+    u = image_norm(z)
+    assert abs(float(u.mean())) < 1e-9 and abs(float(u.std(unbiased=False)) - 1) < 1e-4
+    z_prime, log_det = flow(z)
+    jacobian = torch.autograd.functional.jacobian(lambda v: flow.inn(v.view_as(u))[0].flatten(), u.flatten())
+    assert torch.allclose(log_det[0], torch.linalg.slogdet(jacobian)[1], atol=1e-8)
+    assert (flow.inverse(z_prime) - u).abs().max() < 1e-6  # the inverse gives u: m(z) and s(z) are not kept
+
+
+def test_image_norm_forgets_each_images_feature_scale_and_the_channel_norm_does_not():
+    torch.manual_seed(0)
+    z = torch.randn(2, 8, 4, 4)
+    rescaled = z.clone()
+    rescaled[1] = 5 * z[1] + 2  # one image's features louder and shifted
+    by_image = FlowBottleneck(8, steps=2, subnet="conv", input_norm="image").eval()
+    by_channel = FlowBottleneck(8, steps=2, subnet="conv", input_norm="channel").eval()
+    for flow in (by_image, by_channel):
+        with torch.no_grad():
+            for p in flow.parameters():
+                if p.requires_grad:  # not the fixed permutation matrices
+                    p.add_(0.1 * torch.randn_like(p))
+    assert torch.allclose(by_image(z)[0], by_image(rescaled)[0], atol=1e-4)
+    assert torch.allclose(by_image(z)[1], by_image(rescaled)[1], atol=1e-4)
+    assert torch.equal(by_channel(z)[0][0], by_channel(rescaled)[0][0])
+    assert not torch.allclose(by_channel(z)[0][1], by_channel(rescaled)[0][1], atol=1e-2)
+
+
+def test_rejects_unknown_input_norm():
+    with pytest.raises(ConfigError, match="input_norm"):
+        FlowBottleneck(8, input_norm="batch")

@@ -8,7 +8,8 @@ Read top to bottom like the paper's method section:
 4. Loss: alpha * L_flow + (1 - alpha) * L_recon, trained on normal images only.
 5. Score: S = beta * S_flow + (1 - beta) * S_recon; pixel map from the reconstruction residual.
 
-Where this file departs from the paper, it says so and why (see `score_mode`).
+Where this file departs from the paper, it says so and why (see the class docstring); `paper` and
+`paper_chest_xray` (aeflow.training.presets) switch every departure off.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ from torch import nn
 
 from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
-from aeflow.models.base import AnomalyModel, register
+from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, register
 from aeflow.nn.backbones import create_backbone
-from aeflow.nn.blocks import gaussian_blur
-from aeflow.nn.flow import SUBNETS, FlowBottleneck, bits_per_dim, standard_normal_log_prob
+from aeflow.nn.blocks import gaussian_blur, stage_modules, stage_outputs
+from aeflow.nn.flow import INPUT_NORMS, SUBNETS, FlowBottleneck, bits_per_dim, standard_normal_log_prob
 
-SCORE_MODES = ("paper", "standardized")
+SCORE_MODES = ("paper", "standardized", "validated")
 MAP_MODES = ("residual", "flow", "fused")
+DECODERS = ("transposed", "upsample")
 # Order of the per-component calibration buffers.
-SCORE_COMPONENTS = ("score_flow", "score_recon", "score_flow_nll")
+SCORE_COMPONENTS = ("score_flow", "score_recon", "score_flow_nll", "score_flow_max")
+# The components the standardized / validated blends weigh (score_flow ranks like -mean log N(z'), which the
+# full NLL supersedes: it is kept for the paper's blend and for comparison).
+BLENDED = ("score_flow_nll", "score_flow_max", "score_recon")
+BLEND_GRID_STEP = 0.05
 
 
 class Decoder(nn.Sequential):
@@ -40,40 +46,92 @@ class Decoder(nn.Sequential):
     1024-channel encoder; each of the first three is followed by 3x3 conv + BatchNorm + ReLU. The widths
     stay 512/256/64 for smaller encoders too (their first block then widens the map, which costs little at
     stride 16). A sigmoid ends it because images live in [0, 1].
+
+    `upsample=True` (departure) replaces each transposed convolution by nearest-neighbour up-sampling and a 3x3
+    convolution: a 2x2 stride-2 transposed convolution paints every output pixel from one input pixel with one
+    of four kernels, which shows as a 2x2 checkerboard in the reconstruction and so in the residual map
+    (Odena et al., "Deconvolution and checkerboard artifacts", 2016).
     """
 
-    def __init__(self, feature_channels: int, image_channels: int, widths: tuple[int, int, int] = (512, 256, 64)):
+    def __init__(self, feature_channels: int, image_channels: int, widths: tuple[int, int, int] = (512, 256, 64),
+                 upsample: bool = False):
+        def grow(cin: int, cout: int) -> list[nn.Module]:
+            if upsample:
+                return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1)]
+            return [nn.ConvTranspose2d(cin, cout, 2, stride=2)]
+
         layers: list[nn.Module] = []
         channels = feature_channels
         for width in widths:
-            layers += [
-                nn.ConvTranspose2d(channels, width, 2, stride=2),
-                nn.Conv2d(width, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-            ]
+            layers += [*grow(channels, width), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU()]
             channels = width
-        layers += [nn.ConvTranspose2d(channels, image_channels, 2, stride=2), nn.Sigmoid()]
+        layers += [*grow(channels, image_channels), nn.Sigmoid()]
         super().__init__(*layers)
+
+
+class CalibrationSet:
+    """Score components (and the two pixel maps' sums over normal images) of the validation images, with their
+    labels: what `AEFlow.fit_calibration` needs. Filled batch by batch, by `AEFlow.calibrate` or by the training
+    loop's validation pass (aeflow.training.module), so both fit the calibration the same way."""
+
+    def __init__(self):
+        self.scores: dict[str, list[torch.Tensor]] = {}
+        self.labels: list[torch.Tensor] = []
+        self.map_sums = torch.zeros(2, 3, dtype=torch.float64)  # per map: count, sum, sum of squares
+
+    def add(self, parts: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        for name, value in parts.items():
+            if name.startswith("score_"):
+                self.scores.setdefault(name, []).append(value.detach().double().cpu())
+        labels = labels.detach().cpu()
+        self.labels.append(labels)
+        normal = labels <= 0
+        for i, key in enumerate(("map_residual", "map_flow")):
+            values = parts[key].detach()[normal.to(parts[key].device)].double().cpu()
+            self.map_sums[i] += torch.stack([torch.tensor(values.numel()), values.sum(), values.pow(2).sum()])
+
+    def component(self, name: str) -> torch.Tensor:
+        return torch.cat(self.scores[name]) if self.scores.get(name) else torch.empty(0, dtype=torch.float64)
+
+    def label_tensor(self) -> torch.Tensor:
+        return torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long)
 
 
 @register("aeflow")
 class AEFlow(AnomalyModel):
     """AE-FLOW for images of any side that is a multiple of 16 (tested 64 to 512).
 
-    Options beyond the paper:
+    Departures from the paper, each an option (the `paper*` presets switch them all off), measured in
+    docs/aeflow.md and docs/results/ablation_*.md:
+
     - `freeze_encoder`: the paper does not say whether its encoder is trained; both are supported. Frozen is
       the default because a trained encoder can shrink its features to raise the flow's likelihood (its own
       Jacobian is not in the loss): measured on PneumoniaMNIST, test AUROC 0.23 trained vs 0.71 frozen.
-    - `score_mode="standardized"` (default) z-scores each score component with statistics of normal
-      validation images (see `calibrate`) before the beta blend; `"paper"` blends the raw components.
-      Why: the paper's S_flow = -exp(mean log N(z')) lives in about [-0.4, 0] with normal-to-normal spread
-      of a few 1e-3, while -SSIM spreads over tenths, so the raw blend is ruled by whichever term happens
-      to vary more, not by beta (the guide measured the raw blend below the flow score alone on
-      PneumoniaMNIST). The standardized blend uses the per-dimension NLL of z' as its flow component: it is
-      a monotone function of S_flow (same ranking) that does not saturate for strong anomalies.
-    - `map_mode`: "residual" (paper: smoothed |x - x'|), "flow" (up-sampled per-position NLL of z') or
-      "fused" (mean of both after z-scoring each with the calibration statistics).
+    - `feature_norm`: how the encoder's features are brought to unit scale before the flow
+      (aeflow.nn.flow.FlowBottleneck). "image" (default) standardises each image's map over (C, h, w), as
+      FastFlow does, so the flow models the features' structure, not the image's overall feature scale (which
+      follows its contrast); the likelihood is then that of the normalised map. "channel" standardises per
+      channel with fixed training statistics and keeps the likelihood of z itself.
+    - `stages`: the encoder strides whose features each get a flow, [16] in the paper. [8, 16] adds a flow on
+      the stride-8 stage, so that a 64-px image is not seen only as a 4 x 4 map; the decoder still decodes the
+      stride-16 z', the flow loss and scores average the stages.
+    - `decoder`: "transposed" (paper) or "upsample" (no checkerboard artefacts, see `Decoder`).
+    - Score components, all reported on their own: the paper's `score_flow` = -exp(mean log N(z')); the full
+      negative log-likelihood of the flow's input per dimension, `score_flow_nll` = -(log N(z') + log|det|) / D,
+      which `score_flow` leaves out the log-determinant of; `score_flow_max`, the largest value of the smoothed
+      per-position flow map (for small, local anomalies that a mean over positions dilutes); and the paper's
+      `score_recon` = -SSIM(x, x').
+    - `score_mode`: "paper" blends the raw S_flow and S_recon with beta. The raw blend is ruled by whichever term
+      happens to vary more, not by beta (S_flow spreads over a few 1e-3, -SSIM over tenths), so the other modes
+      first z-score each component with the mean and std of NORMAL validation images (`calibrate`).
+      "standardized" then blends beta * z(score_flow_nll) + (1 - beta) * z(score_recon). "validated" (default)
+      fits the weights of z(score_flow_nll), z(score_flow_max) and z(score_recon) (non-negative, summing to 1, a
+      grid of step 0.05) to the validation AUROC when the validation split holds labelled anomalies (at least
+      20 of each class), and falls back to the "standardized" weights otherwise. The weights are buffers: they travel
+      with the run, and `blend_weight` says what was chosen.
+    - `map_mode`: "residual" (paper: smoothed |x - x'|), "flow" (up-sampled per-position NLL of z', averaged over
+      the stages) or "fused" (mean of both after z-scoring each with the calibration statistics).
     """
 
     def __init__(
@@ -90,16 +148,18 @@ class AEFlow(AnomalyModel):
         decoder_widths: tuple[int, int, int] | list[int] = (512, 256, 64),
         alpha: float = 0.5,
         beta: float = 0.9,
-        score_mode: str = "standardized",
+        score_mode: str = "validated",
         map_mode: str = "residual",
+        feature_norm: str = "image",
+        stages: tuple[int, ...] | list[int] = (16,),
+        decoder: str = "transposed",
     ):
         super().__init__()
-        if subnet not in SUBNETS:
-            raise ConfigError(f"subnet must be one of {SUBNETS}, got {subnet!r}")
-        if score_mode not in SCORE_MODES:
-            raise ConfigError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
-        if map_mode not in MAP_MODES:
-            raise ConfigError(f"map_mode must be one of {MAP_MODES}, got {map_mode!r}")
+        for name, value, choices in (("subnet", subnet, SUBNETS), ("score_mode", score_mode, SCORE_MODES),
+                                     ("map_mode", map_mode, MAP_MODES), ("feature_norm", feature_norm, INPUT_NORMS),
+                                     ("decoder", decoder, DECODERS)):
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
         if in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
         for name, value in (("alpha", alpha), ("beta", beta)):
@@ -107,44 +167,65 @@ class AEFlow(AnomalyModel):
                 raise ConfigError(f"{name} must lie in [0, 1], got {value}")
         if len(decoder_widths) != 3:
             raise ConfigError(f"decoder_widths needs three widths, got {list(decoder_widths)}")
+        stages = tuple(stages)
+        if not stages or stages[-1] != 16 or list(stages) != sorted(set(stages)):
+            raise ConfigError(f"stages must be increasing strides ending with 16 (the decoded stage), got {list(stages)}")
         self.alpha, self.beta = alpha, beta
         self.score_mode, self.map_mode = score_mode, map_mode
 
         self.encoder = create_backbone(backbone, pretrained=pretrained, weights=weights, frozen=freeze_encoder)
+        self.stage_names = stage_modules(backbone, stages) if len(stages) > 1 else ()
         channels = self.encoder.out_channels
-        self.flow = FlowBottleneck(channels, flow_steps, subnet, hidden_ratio, clamp)
-        self.decoder = Decoder(channels, in_channels, tuple(decoder_widths))
+        self.flow = FlowBottleneck(channels, flow_steps, subnet, hidden_ratio, clamp, input_norm=feature_norm)
+        # Flows of the earlier stages (none in the paper), in the order of `stages`.
+        side_channels = _stage_channels(self.encoder, self.stage_names)[:-1]
+        self.side_flows = nn.ModuleList(
+            FlowBottleneck(c, flow_steps, subnet, hidden_ratio, clamp, input_norm=feature_norm) for c in side_channels
+        )
+        self.decoder = Decoder(channels, in_channels, tuple(decoder_widths), upsample=decoder == "upsample")
 
-        # Statistics of normal validation images (see `calibrate`); buffers, so they travel with the weights.
+        # Statistics of normal validation images and the blend weights (see `calibrate`); buffers, so they travel
+        # with the weights.
         self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("score_mean", torch.zeros(len(SCORE_COMPONENTS)))
         self.register_buffer("score_std", torch.ones(len(SCORE_COMPONENTS)))
+        self.register_buffer("blend_weight", self._fixed_blend())
         self.register_buffer("map_mean", torch.zeros(2))  # residual map, flow map
         self.register_buffer("map_std", torch.ones(2))
 
     # 1-3. Encoder, flow, decoder --------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x -> (z', log|det dz'/dz| per sample, reconstruction x')."""
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features per stage, the stride-16 one last."""
+        if not self.stage_names:
+            return [self.encoder(x)]
+        return stage_outputs(self.encoder, self.stage_names, x)
+
+    def flow_and_reconstruction(self, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """x -> ([(z', log|det dz'/dz|) per stage, stride 16 last], reconstruction x' from the stride-16 z')."""
         if x.ndim != 4 or x.shape[-1] % 16 or x.shape[-2] % 16:
             raise ConfigError(f"AE-FLOW needs B x C x H x W images with H and W multiples of 16, got {tuple(x.shape)}")
-        z = self.encoder(x)
-        z_prime, log_det = self.flow(z)
-        return z_prime, log_det, self.decoder(z_prime)
+        features = self._encode(x)
+        latents = [flow(z) for flow, z in zip([*self.side_flows, self.flow], features)]
+        return latents, self.decoder(latents[-1][0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x -> (z', log|det dz'/dz| per sample, reconstruction x') of the stride-16 stage."""
+        latents, x_rec = self.flow_and_reconstruction(x)
+        return latents[-1][0], latents[-1][1], x_rec
 
     # 4. Loss -------------------------------------------------------------------------------------------
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """L = alpha * L_flow + (1 - alpha) * MSE(x, x').
 
-        L_flow is the flow's negative log-likelihood of z in bits per latent dimension:
-        (-log N(z'; 0, I) - log|det|) / (C * h * w * ln 2). Unscaled, the sum over ~260k dimensions would
-        swamp the MSE term; bits/dim is the scaling the guide's measurements used.
+        L_flow is the flow's negative log-likelihood in bits per latent dimension:
+        (-log N(z'; 0, I) - log|det|) / (C * h * w * ln 2), averaged over the stages. Unscaled, the sum over
+        ~260k dimensions would swamp the MSE term; bits/dim is the scaling the guide's measurements used.
         """
         x = batch.image
-        z_prime, log_det, x_rec = self(x)
-        log_pz = standard_normal_log_prob(z_prime.float()).flatten(1).sum(1)
-        loss_flow = bits_per_dim(log_pz, log_det.float(), z_prime[0].numel()).mean()
+        latents, x_rec = self.flow_and_reconstruction(x)
+        loss_flow = torch.stack([_bits_per_dim(z_prime, log_det) for z_prime, log_det in latents]).mean(0).mean()
         loss_recon = F.mse_loss(x_rec.float(), x.float())
         loss = self.alpha * loss_flow + (1 - self.alpha) * loss_recon
         return {"loss": loss, "loss_flow": loss_flow, "loss_recon": loss_recon}
@@ -155,42 +236,54 @@ class AEFlow(AnomalyModel):
     def score_components(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each score component on its own (B,), higher = more anomalous, plus the two raw pixel maps.
 
-        score_flow: the paper's -exp(mean over dimensions of log N(z'; 0, I)).
-        score_flow_nll: -mean log N(z'; 0, I), the per-dimension NLL of z' in nats.
+        score_flow: the paper's -exp(mean over dimensions of log N(z'; 0, I)), stride-16 stage.
+        score_flow_nll: the flow's negative log-likelihood per dimension, -(log N(z') + log|det dz'/dz|) / D, in
+            nats, averaged over the stages.
+        score_flow_max: the maximum over pixels of map_flow.
         score_recon: the paper's -SSIM(x, x').
-        map_residual / map_flow (B x H x W): smoothed |x - x'| averaged over channels / the per-position
-        NLL of z' up-sampled to the image.
+        map_residual / map_flow (B x H x W): smoothed |x - x'| averaged over channels / the per-position NLL of
+            z' (mean over channels of -log N), up-sampled to the image, smoothed and averaged over the stages.
         reconstruction: x' itself, for the report's gallery.
         """
         x = images.float()
-        z_prime, _, x_rec = self(x)
-        log_p = standard_normal_log_prob(z_prime.float())  # B x C x h x w
-        mean_log_p = log_p.flatten(1).mean(1)
+        latents, x_rec = self.flow_and_reconstruction(x)
         sigma = 4.0 * x.shape[-1] / 256  # 4 px at 256 px, as PaDiM and PatchCore smooth their maps
-        flow_map = F.interpolate(-log_p.mean(1, keepdim=True), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        nll, flow_maps = [], []
+        for z_prime, log_det in latents:
+            log_p = standard_normal_log_prob(z_prime.float())  # B x C x h x w
+            nll.append(-(log_p.flatten(1).sum(1) + log_det.float()) / z_prime[0].numel())
+            position = F.interpolate(-log_p.mean(1, keepdim=True), size=x.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+            flow_maps.append(gaussian_blur(position[:, 0], sigma))
+        map_flow = torch.stack(flow_maps).mean(0)
+        deepest_log_p = standard_normal_log_prob(latents[-1][0].float()).flatten(1).mean(1)
         return {
-            "score_flow": -torch.exp(mean_log_p),
+            "score_flow": -torch.exp(deepest_log_p),
             "score_recon": -ssim(x, x_rec.float(), data_range=1.0, size_average=False, win_size=_ssim_window(x)),
-            "score_flow_nll": -mean_log_p,
+            "score_flow_nll": torch.stack(nll).mean(0),
+            "score_flow_max": map_flow.flatten(1).amax(1),
             "map_residual": gaussian_blur((x - x_rec).abs().mean(1), sigma),
-            "map_flow": gaussian_blur(flow_map[:, 0], sigma),
+            "map_flow": map_flow,
             "reconstruction": x_rec,
         }
+
+    def blend(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image score from the components (`score_mode`); needs `calibrate` except in "paper" mode."""
+        if self.score_mode == "paper":
+            return self.beta * parts["score_flow"] + (1 - self.beta) * parts["score_recon"]
+        return sum(self.blend_weight[i] * (parts[name] - self.score_mean[i]) / self.score_std[i]
+                   for i, name in enumerate(SCORE_COMPONENTS))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = self.score_components(images)
-        needs_calibration = self.score_mode == "standardized" or self.map_mode == "fused"
+        needs_calibration = self.score_mode != "paper" or self.map_mode == "fused"
         if needs_calibration and not bool(self.calibrated):
             raise ConfigError(
                 f"score_mode={self.score_mode!r} / map_mode={self.map_mode!r} need statistics of normal images: "
                 "call calibrate() with normal validation images first (training does this for you)"
             )
-        if self.score_mode == "paper":
-            score = self.beta * parts["score_flow"] + (1 - self.beta) * parts["score_recon"]
-        else:
-            z = self._standardize_scores(parts)
-            score = self.beta * z["score_flow_nll"] + (1 - self.beta) * z["score_recon"]
+        score = self.blend(parts)
         residual, flow = parts.pop("map_residual"), parts.pop("map_flow")
         if self.map_mode == "residual":
             anomaly_map = residual
@@ -202,46 +295,102 @@ class AEFlow(AnomalyModel):
             anomaly_map = 0.5 * (z_residual + z_flow)
         return {"pred_score": score, "anomaly_map": anomaly_map, **parts}
 
-    def _standardize_scores(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
-            name: (parts[name] - self.score_mean[i]) / self.score_std[i] for i, name in enumerate(SCORE_COMPONENTS)
-        }
+    @staticmethod
+    def calibration_set() -> CalibrationSet:
+        """An empty collection for `fit_calibration`, to fill with `score_components` outputs and labels."""
+        return CalibrationSet()
 
     @torch.no_grad()
-    def calibrate(self, normal_images: Iterable[Batch | torch.Tensor]) -> None:
-        """Store mean and std of each score component and of both pixel maps over NORMAL images.
+    def calibrate(self, images: Iterable[Batch | torch.Tensor]) -> None:
+        """Fit the calibration on validation images (never test ones): see `fit_calibration`.
 
-        `normal_images` yields Batches (anomalous ones, label 1, are dropped so they never shape the
-        normal statistics) or image tensors, all taken as normal. Use validation images, never test ones.
+        `images` yields Batches (their labels say which are normal; anomalous ones, label 1, only shape the
+        "validated" blend weights) or image tensors, all taken as normal.
         """
         device = self.score_mean.device
-        scores: dict[str, list[torch.Tensor]] = {name: [] for name in SCORE_COMPONENTS}
-        map_sums = torch.zeros(2, 3, dtype=torch.float64)  # per map: count, sum, sum of squares
+        collected = self.calibration_set()
         was_training = self.training
         self.eval()
-        for item in normal_images:
-            images = item.image[item.label <= 0] if isinstance(item, Batch) else item
-            if len(images) == 0:
-                continue
-            parts = self.score_components(images.to(device))
-            for name in SCORE_COMPONENTS:
-                scores[name].append(parts[name].double().cpu())
-            for i, key in enumerate(("map_residual", "map_flow")):
-                values = parts[key].double().cpu()
-                map_sums[i] += torch.stack([torch.tensor(values.numel()), values.sum(), values.pow(2).sum()])
+        for item in images:
+            batch_images = item.image if isinstance(item, Batch) else item
+            labels = item.label if isinstance(item, Batch) else torch.zeros(len(item), dtype=torch.long)
+            if len(batch_images):
+                collected.add(self.score_components(batch_images.to(device)), labels)
         self.train(was_training)
-        collected = {name: torch.cat(values) if values else torch.empty(0) for name, values in scores.items()}
-        if len(collected["score_flow"]) < 2:
+        self.fit_calibration(collected)
+
+    @torch.no_grad()
+    def fit_calibration(self, collected: CalibrationSet) -> None:
+        """Mean and std of each score component and of both pixel maps over the NORMAL images of `collected`,
+        and the blend weights: fitted to the validation AUROC in "validated" mode when `collected` holds at least
+        MIN_VALIDATION_PER_CLASS images of each class (aeflow.models.base), the fixed beta blend otherwise."""
+        labels = collected.label_tensor()
+        normal = labels <= 0
+        if int(normal.sum()) < 2:
             raise ConfigError("calibrate() needs at least two normal images")
+        standardized = {}
         for i, name in enumerate(SCORE_COMPONENTS):
-            values = collected[name]
-            self.score_mean[i] = values.mean()
-            self.score_std[i] = values.std().clamp_min(1e-12)
-        count, total, total_sq = map_sums.unbind(1)
+            values = collected.component(name)
+            self.score_mean[i] = values[normal].mean()
+            self.score_std[i] = values[normal].std().clamp_min(1e-12)
+            standardized[name] = (values - self.score_mean[i].double()) / self.score_std[i].double()
+        count, total, total_sq = collected.map_sums.unbind(1)
         mean = total / count
         self.map_mean.copy_(mean)
         self.map_std.copy_((total_sq / count - mean.pow(2)).clamp_min(1e-24).sqrt())
+        self.blend_weight.copy_(self._fixed_blend())
+        if self.score_mode == "validated" and min(int(normal.sum()), int((labels == 1).sum())) >= MIN_VALIDATION_PER_CLASS:
+            self.blend_weight.copy_(_best_blend(standardized, labels == 1, self.blend_weight))
         self.calibrated.fill_(True)
+
+    def _fixed_blend(self) -> torch.Tensor:
+        """beta on z(score_flow_nll), 1 - beta on z(score_recon): the blend when no labels can choose one."""
+        weight = torch.zeros(len(SCORE_COMPONENTS))
+        weight[SCORE_COMPONENTS.index("score_flow_nll")] = self.beta
+        weight[SCORE_COMPONENTS.index("score_recon")] = 1 - self.beta
+        return weight
+
+    def blend_weights(self) -> dict[str, float]:
+        """The weight of each standardized component in the image score (after calibration: what was chosen)."""
+        return {name: float(w) for name, w in zip(SCORE_COMPONENTS, self.blend_weight)}
+
+
+@torch.no_grad()
+def _stage_channels(encoder: nn.Module, names: tuple[str, ...]) -> list[int]:
+    """Channel counts of the named encoder stages, from one small forward pass in eval mode."""
+    if not names:
+        return [encoder.out_channels]
+    was_training = encoder.training
+    encoder.eval()
+    channels = [f.shape[1] for f in stage_outputs(encoder, names, torch.zeros(1, 3, 32, 32))]
+    encoder.train(was_training)
+    return channels
+
+
+def _bits_per_dim(z_prime: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+    log_pz = standard_normal_log_prob(z_prime.float()).flatten(1).sum(1)
+    return bits_per_dim(log_pz, log_det.float(), z_prime[0].numel())
+
+
+def _best_blend(standardized: dict[str, torch.Tensor], anomalous: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Non-negative weights summing to 1 over the BLENDED components (grid step BLEND_GRID_STEP) whose blend has
+    the highest AUROC on these (validation) images; `start` is kept unless a grid point beats it."""
+    from sklearn.metrics import roc_auc_score
+
+    y = anomalous.numpy().astype(int)
+    columns = torch.stack([standardized[name] for name in BLENDED], 1)  # N x 3
+    index = [SCORE_COMPONENTS.index(name) for name in BLENDED]
+    best_weight, best = start.clone(), roc_auc_score(y, (columns @ start[index].double()).numpy())
+    steps = round(1 / BLEND_GRID_STEP)
+    for i in range(steps + 1):
+        for j in range(steps + 1 - i):
+            w = torch.tensor([i, j, steps - i - j], dtype=torch.float64) / steps
+            auroc = roc_auc_score(y, (columns @ w).numpy())
+            if auroc > best + 1e-12:
+                best = auroc
+                best_weight = torch.zeros_like(start)
+                best_weight[index] = w.float()
+    return best_weight
 
 
 def _ssim_window(images: torch.Tensor) -> int:

@@ -52,7 +52,7 @@ Choices, and why (numbers: docs/semi_supervised.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
-from aeflow.models.aeflow import AEFlow
+from aeflow.models.aeflow import AEFlow, CalibrationSet
 from aeflow.models.base import register
 from aeflow.nn.blocks import gaussian_blur
 from aeflow.nn.flow import bits_per_dim, standard_normal_log_prob
@@ -84,6 +84,8 @@ class AEFlowGMM(AEFlow):
     def __init__(self, *, gamma: float = 1.0, unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05,
                  initial_var: float = 4.0, initial_fraction: float = 0.1, **aeflow_options):
         super().__init__(**aeflow_options)
+        if self.side_flows:
+            raise ConfigError("aeflow_gmm puts its mixture prior on the stride-16 latent only: use stages=[16]")
         for name, value in (("gamma", gamma), ("em_momentum", em_momentum)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {value}")
@@ -189,26 +191,19 @@ class AEFlowGMM(AEFlow):
         parts["map_posterior"] = gaussian_blur(upsampled, 4.0 * size[-1] / 256)
         return parts
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = super().predict(images)
+    def blend(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        score = super().blend(parts)
         if not bool(self.semi_supervised):
-            return out
-        if not bool(self.calibrated):
-            raise ConfigError("the posterior score needs statistics of normal images: call calibrate() with normal "
-                              "validation images first (training does this for you)")
-        z_posterior = (out["score_posterior"] - self.posterior_mean) / self.posterior_std
-        out["pred_score"] = self.gamma * z_posterior + (1 - self.gamma) * out["pred_score"]
-        return out
+            return score
+        z_posterior = (parts["score_posterior"] - self.posterior_mean) / self.posterior_std
+        return self.gamma * z_posterior + (1 - self.gamma) * score
 
     @torch.no_grad()
-    def calibrate(self, normal_images: Iterable[Batch | torch.Tensor]) -> None:
+    def fit_calibration(self, collected: CalibrationSet) -> None:
         """AE-FLOW's calibration, plus the mean and std of `score_posterior` over the same normal images."""
-        log_odds: list[torch.Tensor] = []
-        with self._on_latent(lambda z: log_odds.append(self.posterior_log_odds(z.float()).double().cpu())):
-            super().calibrate(normal_images)
+        super().fit_calibration(collected)
         if bool(self.semi_supervised):
-            values = torch.cat(log_odds)
+            values = collected.component("score_posterior")[collected.label_tensor() <= 0]
             self.posterior_mean.fill_(values.mean())
             self.posterior_std.fill_(values.std().clamp_min(1e-12))
 

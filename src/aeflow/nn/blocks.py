@@ -176,8 +176,7 @@ class FeatureStages(nn.Module):
     """A frozen backbone read at its stride-4, -8 and -16 stages: the multi-scale features of PaDiM, PatchCore and
     FastFlow. forward(images in [0, 1], 1 or 3 channels) -> [B x C_i x H/s x W/s for s in 4, 8, 16].
 
-    The stages are caught with forward hooks that live only during one call, so the backbone stays the plain
-    module of `aeflow.nn.backbones` (and exports and pickles like one).
+    The stages are caught by `stage_outputs`.
     """
 
     strides = (4, 8, 16)
@@ -194,18 +193,37 @@ class FeatureStages(nn.Module):
             self.out_channels = [f.shape[1] for f in self(torch.zeros(1, 3, 32, 32))]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outputs: dict[str, torch.Tensor] = {}
+        return stage_outputs(self.backbone, self.stage_modules, images)
 
-        def keep(name: str):
-            return lambda module, inputs, output: outputs.__setitem__(name, output)
 
-        handles = [self.backbone.get_submodule(name).register_forward_hook(keep(name)) for name in self.stage_modules]
-        try:
-            self.backbone(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [outputs[name] for name in self.stage_modules]
+def stage_modules(backbone: str, strides: Sequence[int]) -> tuple[str, ...]:
+    """Names of the submodules of `backbone` whose outputs are its stages at `strides` (each 4, 8 or 16)."""
+    if backbone not in _STAGE_MODULES:
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(_STAGE_MODULES)}")
+    by_stride = dict(zip(FeatureStages.strides, _STAGE_MODULES[backbone]))
+    unknown = [s for s in strides if s not in by_stride]
+    if unknown:
+        raise ConfigError(f"backbone stages exist at strides {FeatureStages.strides}, got {list(strides)}")
+    return tuple(by_stride[s] for s in strides)
+
+
+def stage_outputs(backbone: nn.Module, module_names: Sequence[str], images: torch.Tensor) -> list[torch.Tensor]:
+    """Run `backbone` on `images` and return the outputs of the named submodules, in the order named.
+
+    The outputs are caught with forward hooks that live only during this call, so the backbone stays a plain
+    module (it exports and pickles like one)."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        return lambda module, inputs, output: outputs.__setitem__(name, output)
+
+    handles = [backbone.get_submodule(name).register_forward_hook(keep(name)) for name in module_names]
+    try:
+        backbone(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[name] for name in module_names]
 
 
 def adopt_buffer_shapes(module: nn.Module, state_dict: dict, prefix: str, names: Sequence[str]) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from aeflow.errors import ConfigError
 
 SUBNETS = ("conv", "resnet")
+INPUT_NORMS = ("channel", "image")
 
 
 class ConvSubnet(nn.Sequential):
@@ -71,12 +72,19 @@ def _subnet_constructor(kind: str, hidden_ratio: float):
 class FlowBottleneck(nn.Module):
     """z (B x C x h x w) -> z' of the same shape, and log|det dz'/dz| per sample (B,).
 
-    Before the K steps, z is standardised per channel with the mean and std of the first training batch
-    (Glow's data-dependent ActNorm initialisation, kept fixed afterwards; its constant log-determinant is
-    included, so the likelihood stays that of z). Why: backbone features are far from unit scale
-    (EfficientNet-Lite0 at stride 16: channel means up to 15, stds 3.5-15), and AllInOneBlock's global
-    scaling, 0.1 * softplus, needs thousands of Adam steps to absorb that; until then the flow loss is
-    dominated by scale, not by the structure of normal images.
+    Before the K steps the features are brought to unit scale, in one of two ways (`input_norm`):
+
+    - "channel": z is standardised per channel with the mean and std of the first training batch (Glow's
+      data-dependent ActNorm initialisation, kept fixed afterwards; its constant log-determinant is included,
+      so the likelihood is that of z itself). Why some standardisation: backbone features are far from unit
+      scale (EfficientNet-Lite0 at stride 16: channel means up to 15, stds 3.5-15), and AllInOneBlock's global
+      scaling, 0.1 * softplus, needs thousands of Adam steps to absorb that.
+    - "image": each image's map is standardised by its own mean and std over (C, h, w), a LayerNorm without
+      affine, as FastFlow does. This is not invertible (it forgets two numbers per image, the feature map's
+      offset and scale), so the flow models the density of the normalised map u = (z - m(z)) / s(z), and
+      log|det| is that of u -> z'. Deliberately: the overall feature scale is a property of the image's
+      contrast, not of its content (on PneumoniaMNIST the per-image feature std alone ranks pneumonia at
+      AUROC 0.21, i.e. inverted), and a likelihood that keeps it is ruled by it. `inverse` then returns u.
 
     The fixed permutations are drawn from numpy's global generator (FrEIA's choice) when the flow is built.
     Permutations and standardisation are in the state dict, so a flow rebuilt from its config and weights
@@ -90,8 +98,12 @@ class FlowBottleneck(nn.Module):
         subnet: str = "resnet",
         hidden_ratio: float = 1.0,
         clamp: float = 2.0,
+        input_norm: str = "channel",
     ):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ConfigError(f"flow input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
         if subnet not in SUBNETS:
             raise ConfigError(f"flow subnet must be one of {SUBNETS}, got {subnet!r}")
         if steps < 1:
@@ -112,6 +124,8 @@ class FlowBottleneck(nn.Module):
         self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_norm == "image":
+            return self.inn(image_norm(z))
         if self.training and not self.initialized:
             self._initialize(z)
         z_prime, log_det = self.inn((z - self.feature_mean) / self.feature_std)
@@ -119,7 +133,10 @@ class FlowBottleneck(nn.Module):
         return z_prime, log_det + standardize_log_det
 
     def inverse(self, z_prime: torch.Tensor) -> torch.Tensor:
+        """z' -> z ("channel"), or -> the normalised map u ("image": its offset and scale are not kept)."""
         z, _ = self.inn(z_prime, rev=True)
+        if self.input_norm == "image":
+            return z
         return z * self.feature_std + self.feature_mean
 
     @torch.no_grad()
@@ -128,6 +145,11 @@ class FlowBottleneck(nn.Module):
         self.feature_mean.copy_(per_channel.mean(1).view_as(self.feature_mean))
         self.feature_std.copy_(per_channel.std(1).clamp_min(1e-3).view_as(self.feature_std))
         self.initialized.fill_(True)
+
+
+def image_norm(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each map of B x C x h x w standardised by its own mean and std over (C, h, w) (a LayerNorm without affine)."""
+    return torch.nn.functional.group_norm(z, 1, eps=eps)
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

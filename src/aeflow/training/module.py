@@ -1,10 +1,11 @@
 """The thin lightning wrapper that trains any gradient-trained AnomalyModel.
 
-Training minimises `model.loss(batch)["loss"]` on normal images. Validation needs no test labels: its signal
-is the same loss on the NORMAL validation images (`val_loss`, what early stopping and the "best" checkpoint
-follow). When the validation split also holds anomalies, the image AUROC of each score component
-(`val_image_AUROC_<component>`) is logged for the curves, but nothing is selected on it by default: a
-normal-only validation split is the common case and the default must work there.
+Training minimises `model.loss(batch)["loss"]` on normal images. Validation never sees test labels. It logs the
+same loss on the NORMAL validation images (`val_loss`) and, when the validation split also holds labelled
+anomalies, the image AUROC of the model's score (`val_image_AUROC`) and of each score component
+(`val_image_AUROC_<component>`). A model with a score calibration (AE-FLOW's `fit_calibration`) is calibrated
+on each epoch's validation pass first, so `val_image_AUROC` is that of the score the epoch's weights would be
+used with. Which of the two selects the kept checkpoint is decided in aeflow.training.run (`selection_metric`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class AnomalyModule(L.LightningModule):
         self.val_has_anomalies = val_has_anomalies
         self._val_scores: dict[str, list[torch.Tensor]] = {}
         self._val_labels: list[torch.Tensor] = []
+        self._calibration = None
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         return batch.to(device)
@@ -44,20 +46,35 @@ class AnomalyModule(L.LightningModule):
                           batch_size=int(normal.sum()))
         if not self.val_has_anomalies:
             return
-        # Components only: a blend that needs calibration (AE-FLOW's standardized score) has none yet.
-        scores = getattr(self.model, "score_components", self.model.predict)(batch.image)
-        for name, value in scores.items():
+        if self._calibration is not None:
+            parts = self.model.score_components(batch.image)
+            self._calibration.add(parts, batch.label)
+        else:
+            parts = self.model.predict(batch.image)
+            self._val_scores.setdefault("pred_score", []).append(parts["pred_score"].detach().float().cpu())
+        for name, value in parts.items():
             if name.startswith("score_"):
                 self._val_scores.setdefault(name, []).append(value.detach().float().cpu())
         self._val_labels.append(batch.label.cpu())
 
+    def on_validation_epoch_start(self) -> None:
+        fits_calibration = self.val_has_anomalies and hasattr(self.model, "fit_calibration")
+        self._calibration = self.model.calibration_set() if fits_calibration else None
+
     def on_validation_epoch_end(self) -> None:
         labels = torch.cat(self._val_labels) if self._val_labels else torch.empty(0)
-        if len(labels) and labels.min() == 0 and labels.max() == 1:
+        # Lightning's sanity check sees two batches: too few to calibrate on, and nothing is selected on it.
+        if not self.trainer.sanity_checking and (labels == 0).sum() >= 2 and (labels == 1).any():
+            if self._calibration is not None:
+                self.model.fit_calibration(self._calibration)
+                parts = {name: self._calibration.component(name).float().to(self.device)
+                         for name in self._calibration.scores}
+                self._val_scores["pred_score"] = [self.model.blend(parts).float().cpu()]
             for name, values in self._val_scores.items():
-                auroc = roc_auc_score(labels.numpy(), torch.cat(values).numpy())
-                self.log(f"val_image_AUROC_{name.removeprefix('score_')}", float(auroc))
-        self._val_scores, self._val_labels = {}, []
+                auroc = float(roc_auc_score(labels.numpy(), torch.cat(values).numpy()))
+                self.log("val_image_AUROC" if name == "pred_score" else f"val_image_AUROC_{name.removeprefix('score_')}",
+                         auroc)
+        self._val_scores, self._val_labels, self._calibration = {}, [], None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]

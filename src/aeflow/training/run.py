@@ -8,8 +8,11 @@ A run folder holds everything needed to use and to repeat the run:
                            semi-supervised run lists its labelled anomalies as the split "labelled"
     checkpoints/last.safetensors, checkpoints/best.safetensors
                            lightning checkpoints in aeflow's safe format (aeflow.training.checkpoint), written
-                           atomically at the end of every epoch; best = lowest validation loss on normals
+                           atomically at the end of every epoch; best = highest validation image AUROC when the
+                           validation split has labelled anomalies, else lowest validation loss on normals
     model.safetensors      the best weights plus the score calibration, what `load_run` reads
+    selection.json         what was chosen on validation data: the criterion, the kept epoch and its value, and
+                           the score blend weights of models that fit them (AE-FLOW)
     curves/metrics.csv     training curves (lightning's CSVLogger)
     train.log              what happened, in words
 """
@@ -41,7 +44,7 @@ import aeflow
 from aeflow.data import load_data, save_splits
 from aeflow.data.sample import collate
 from aeflow.errors import CheckpointError, ConfigError
-from aeflow.models.base import AnomalyModel, create_model
+from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, create_model
 from aeflow.training.checkpoint import SafeCheckpointIO, load_checkpoint, model_state, save_checkpoint
 from aeflow.training.module import AnomalyModule
 from aeflow.training.presets import preset
@@ -50,6 +53,8 @@ from aeflow.training.sampler import LabelledBatchSampler
 log = logging.getLogger("aeflow.training")
 
 CONFIG_FILE = "config.json"
+SELECTION_FILE = "selection.json"
+SELECT_ON = ("auto", "val_loss")
 MODEL_FILE = "model.safetensors"
 # Settings a resumed run may change: they say how to run, not what is trained.
 RESUMABLE_CHANGES = {"max_epochs", "patience", "progress_bar", "num_workers", "accelerator", "devices"}
@@ -63,13 +68,16 @@ class TrainConfig:
         filled in from `channels` when the model takes it and model_kwargs does not say.
     data: arguments of aeflow.data.load_data besides image_size, channels and seed, e.g.
         {"layout": "synthetic", "root": None}.
-    patience: epochs without a lower validation loss before stopping early; None trains max_epochs.
+    patience: epochs without a better selection metric (`selection_metric`) before stopping early; None trains
+        max_epochs.
     precision: lightning's precision string, "32-true" or "bf16-mixed".
     preset: name of the preset (aeflow.training.presets) the other fields started from, if any.
     labelled_anomalies: K > 0 adds K labelled anomalous images from the layout's TRAINING pool (drawn with
         `seed`, never from val or test; see aeflow.data.load_data) for models that learn from them
         (`learns_from_labelled_anomalies`, e.g. "aeflow_gmm"); every training batch then holds some of them
         (aeflow.training.sampler.LabelledBatchSampler).
+    select_on: what picks the kept checkpoint: "auto" (`selection_metric`: validation image AUROC when the
+        validation split holds labelled anomalies, else the validation loss of normals) or "val_loss" always.
     """
 
     model: str = "aeflow"
@@ -90,6 +98,7 @@ class TrainConfig:
     progress_bar: bool = True
     preset: str | None = None
     labelled_anomalies: int = 0
+    select_on: str = "auto"
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -118,6 +127,8 @@ class TrainConfig:
         if isinstance(self.labelled_anomalies, bool) or not isinstance(self.labelled_anomalies, int) \
                 or self.labelled_anomalies < 0:
             raise ConfigError(f"labelled_anomalies must be an integer >= 0, got {self.labelled_anomalies!r}")
+        if self.select_on not in SELECT_ON:
+            raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if "labelled_anomalies" in self.data:
             raise ConfigError("give labelled_anomalies as a training option, not inside data")
 
@@ -148,7 +159,8 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
                              labelled_anomalies=config.labelled_anomalies, **config.data)
         model = _build_model(config)
         labelled = _labelled_for_training(data, config, model)
-        train_set, val_set, calibration_set, holdout, val_has_anomalies = _split_for_training(data, config.seed)
+        train_set, val_set, holdout, val_has_anomalies = _split_for_training(data, config.seed)
+        monitor, mode = selection_metric([r.label for r in data.records.val] if config.select_on == "auto" else [])
         if not resume:
             _write_config(run_dir, config, model, holdout, [r.source for r in data.records.labelled])
             save_splits(data, run_dir)
@@ -178,21 +190,31 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             if ckpt_path is not None:
                 curves.set_aside(epochs_done=state["epoch"] + 1)
             with _quiet_lightning():
-                trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader))
+                trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader), monitor=monitor,
+                                                mode=mode)
                 trainer.fit(module, train_loader, loader(val_set, shuffle=False), ckpt_path=ckpt_path)
             curves.merge()
             log.info("training stopped after epoch %d, global step %d", trainer.current_epoch, trainer.global_step)
             best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last_checkpoint
-            model.load_state_dict(model_state(load_checkpoint(best)))
+            kept = load_checkpoint(best)
+            model.load_state_dict(model_state(kept))
             score = checkpoints.best_model_score
-            log.info("kept the weights of %s (validation loss %s)", best.name,
+            selection = {"criterion": monitor, "mode": mode, "kept_checkpoint": best.name,
+                         "kept_epoch": int(kept["epoch"]), "value": None if score is None else float(score)}
+            log.info("kept the weights of %s, epoch %d (%s %s)", best.name, kept["epoch"], monitor,
                      "n/a" if score is None else f"{float(score):.5g}")
         else:
             model.fit(train_loader)
+            selection = {"criterion": "none (fitted in one pass)"}
         if hasattr(model, "calibrate"):
-            model.calibrate(loader(calibration_set, shuffle=False))
-            log.info("calibrated the scores on %d normal images (%s)", len(calibration_set),
-                     "held-out training images" if holdout else "validation split")
+            # Normal validation images give the statistics; labelled anomalies, where there are any, the blend.
+            model.calibrate(loader(val_set, shuffle=False))
+            log.info("calibrated the scores on the %s", "held-out training images and the validation split"
+                     if holdout else "validation split")
+        if hasattr(model, "blend_weights"):
+            selection["blend_weights"] = model.blend_weights()
+            log.info("score blend weights: %s", ", ".join(f"{k}={v:.2f}" for k, v in selection["blend_weights"].items()))
+        _write_json(run_dir / SELECTION_FILE, selection)
         save_checkpoint({"model": model.name, "config": model.config(), "state_dict": model.state_dict()},
                         run_dir / MODEL_FILE)
         log.info("wrote %s", run_dir / MODEL_FILE)
@@ -265,35 +287,49 @@ def _labelled_for_training(data, config: TrainConfig, model: AnomalyModel) -> Da
     return data.labelled
 
 
-def _split_for_training(data, seed: int) -> tuple[Dataset, Dataset, Dataset, list[str], bool]:
-    """(train, validation, calibration set, paths held out of training, whether validation has anomalies).
+def selection_metric(val_labels: list[int]) -> tuple[str, str]:
+    """What picks the kept checkpoint (and stops early): the validation image AUROC of the model's score when the
+    validation labels hold at least MIN_VALIDATION_PER_CLASS normal and anomalous images each (on
+    PneumoniaMNIST the validation loss of normals keeps falling while the AUROC peaks and falls), else the
+    validation loss of normal images, which needs no labels."""
+    enough = min(val_labels.count(0), val_labels.count(1)) >= MIN_VALIDATION_PER_CLASS
+    return ("val_image_AUROC", "max") if enough else ("val_loss", "min")
+
+
+def _split_for_training(data, seed: int) -> tuple[Dataset, Dataset, list[str], bool]:
+    """(train, validation, paths held out of training, whether validation has anomalies).
 
     Calibration (and the validation loss) use the normal validation images. A validation split without
-    normals gets a held-out 10% (at least 2) of the training images instead, drawn with the run's seed; their
-    paths go into config.json so the run can be repeated.
+    normals gets a held-out 10% (at least 2) of the training images added to it, drawn with the run's seed;
+    their paths go into config.json so the run can be repeated.
     """
-    val_labels = [data.val[i].label for i in range(len(data.val))]
+    val_labels = [r.label for r in data.records.val]
     val_normals = [i for i, label in enumerate(val_labels) if label == 0]
     has_anomalies = 1 in val_labels
     if val_normals:
-        return data.train, data.val, Subset(data.val, val_normals), [], has_anomalies
+        return data.train, data.val, [], has_anomalies
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = max(2, len(order) // 10)
     held = Subset(data.train, order[:n_held])
     log.info("the validation split has no normal images: holding out %d training images for validation "
              "and calibration", n_held)
-    return (Subset(data.train, order[n_held:]), ConcatDataset([held, data.val]), held,
+    return (Subset(data.train, order[n_held:]), ConcatDataset([held, data.val]),
             [data.train[i].path for i in order[:n_held]], has_anomalies)
 
 
-def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int) -> tuple[L.Trainer, ModelCheckpoint]:
+def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: str,
+             mode: str) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoints = _SafeModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_top_k=1,
-        save_last=True, every_n_epochs=1, enable_version_counter=False,
+        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode, save_top_k=1,
+        every_n_epochs=1, enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [checkpoints, _EpochLog()]
+    # A callback of its own for "last": lightning's save_last writes it only in epochs whose metric improved, and
+    # a resume must continue from the last finished epoch, not from the best one.
+    last = _SafeModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                                every_n_epochs=1, enable_version_counter=False)
+    callbacks: list[L.Callback] = [checkpoints, last, _EpochLog()]
     if config.patience is not None:
-        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=config.patience))
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=config.patience))
     if config.progress_bar:
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(
@@ -405,9 +441,14 @@ def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdo
             "platform": platform.platform(),
         },
     }
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    _write_json(run_dir / CONFIG_FILE, document)
+
+
+def _write_json(path: Path, document: Any) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(document, indent=2, default=str))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -102,6 +102,7 @@ TRAIN_FIELDS = {
     "progress_bar": _one_of(True, False),
     "preset": _text(optional=True),
     "labelled_anomalies": _whole(0, 10**6),
+    "select_on": _one_of("auto", "val_loss"),
 }
 #: The training settings a saved run cannot do without (how to rebuild and feed its model).
 REQUIRED_TRAIN_FIELDS = ("model", "image_size", "channels")
