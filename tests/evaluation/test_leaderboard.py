@@ -94,3 +94,15 @@ def test_command_line_routes_model_options(tmp_path, monkeypatch):
     assert seen["seeds"] == [0, 2] and seen["epochs"] == 3
     bad = CliRunner().invoke(app, ["--models", "ae", "-m", "vae.kl_weight=1", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "MODEL.key=value" in bad.output
+
+
+def test_benchmark_refuses_a_misspelt_model_option_before_any_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from aeflow.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", "--models", "aeflow,padim", "--seeds", "0", "--out",
+                                      str(tmp_path / "b"), "-m", "padim.backbon=efficientnet_lite0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "-m padim.*: model 'padim' has no option 'backbon'; its options are:" in result.output
+    assert not (tmp_path / "b").exists()

@@ -261,6 +261,10 @@ def benchmark_command(
     log.setLevel(logging.INFO)
     try:
         with user_errors():
+            from aeflow.training.schema import check_model_options
+
+            for spec in specs:  # before any data is read or any model trained
+                check_model_options(spec["model"], spec["model_kwargs"], where=f"-m {spec['model']}.*")
             run_benchmark(specs, data_options, seeds=seed_list, out_dir=out, image_size=image_size,
                           channels=channels, epochs=epochs, batch_size=batch_size, threshold_rule=rule,
                           threshold_params=parse_options(rule_option), isolate=isolate)
