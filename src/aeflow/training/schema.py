@@ -5,7 +5,8 @@ A run folder may come from anywhere (a colleague, an archive, an attacker), so n
 - the document is a JSON object of at most MAX_CONFIG_BYTES with a "train" object and a "model_config" object;
 - "train" holds TrainConfig's fields only, each of its type and within its bounds (`TRAIN_FIELDS`);
 - "model_config" holds only keywords the registered model's constructor takes, each a JSON scalar or a short list
-  of them; whole numbers are at most MAX_MODEL_INT (widths, steps, sizes), strings at most 256 characters;
+  or object of them (nested at most 3 deep); whole numbers are at most MAX_MODEL_INT (widths, steps, sizes),
+  strings at most 256 characters;
 - the model those keywords describe is built on PyTorch's "meta" device (shapes only, no memory) and its weights'
   names and shapes must be those in the weights file's header, so a config that would allocate more than the run
   holds is refused before a single weight is allocated.
@@ -180,22 +181,52 @@ def check_model_options(model: str, options: Any, *, where: str = "model options
         raise ConfigError(f"{where}: unknown model {model!r}; available: {', '.join(available_models())}")
     if not isinstance(options, dict):
         raise ConfigError(f"{where} must be an object of keyword: value, got {_show(options)}")
-    parameters = inspect.signature(_REGISTRY[model]).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    names = sorted(n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    names, takes_any = model_keywords(_REGISTRY[model])
     for key, value in options.items():
-        if key not in parameters and not takes_any:
-            raise ConfigError(f"{where}: model {model!r} has no option {key!r}; its options are: {', '.join(names)}")
+        if key not in names and not takes_any:
+            raise ConfigError(f"{where}: model {model!r} has no option {key!r}; its options are: "
+                              f"{', '.join(sorted(names))}")
         reason = _model_value(value)
         if reason:
             raise ConfigError(f"{where}: {key} {reason}")
 
 
-def _model_value(value: Any) -> str | None:
+def model_keywords(cls: type) -> tuple[set[str], bool]:
+    """The keywords a model class's constructor takes, following `**options` handed on to the base class (as
+    AE-FLOW-GMM hands its options to AE-FLOW), and whether it takes any keyword at all."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
+        names |= {n for n, p in parameters.items() if n != "self" and p.kind in
+                  (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names, False
+        if klass.__init__ is object.__init__:
+            break
+    return names, True
+
+
+def _model_value(value: Any, depth: int = 0) -> str | None:
+    if depth > 3:
+        return "is nested too deeply"
+    if isinstance(value, dict):  # options handed on to an inner model (e.g. AE-FLOW-GMM's aeflow_options)
+        if len(value) > _MAX_LIST:
+            return f"has {len(value)} keys, over the limit of {_MAX_LIST}"
+        for key, item in value.items():
+            reason = _model_value(item, depth + 1)
+            if reason:
+                return f"key {key!r} {reason}"
+        return None
     if isinstance(value, list):
         if len(value) > _MAX_LIST:
             return f"is a list of {len(value)} items, over the limit of {_MAX_LIST}"
-        return next((f"item {i} {r}" for i, r in ((i, _model_value(v)) for i, v in enumerate(value)) if r), None)
+        for i, item in enumerate(value):
+            reason = _model_value(item, depth + 1)
+            if reason:
+                return f"item {i} {reason}"
+        return None
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -205,13 +236,14 @@ def _model_value(value: Any) -> str | None:
         return None if math.isfinite(value) and abs(value) <= 1e6 else f"is {value}, not a finite number up to 1e6"
     if isinstance(value, str):
         return None if len(value) <= _MAX_STRING else f"is a string of {len(value)} characters"
-    return f"must be a number, string, boolean or a list of them, got {_show(value)}"
+    return f"must be a number, string, boolean, or a list or object of them, got {_show(value)}"
 
 
 def check_weights_fit(model: str, kwargs: dict, shapes: dict[str, tuple[int, ...]], weights: str | Path,
                       config: str | Path) -> None:
     """Build the model on the meta device (no memory) and compare its weights' names and shapes with those of the
-    weights file (`shapes`, from its header): CheckpointError when they differ, before any weight is allocated."""
+    weights file (`shapes`, from its header): CheckpointError when they differ, before any weight is allocated.
+    Buffers the model creates empty and sizes when it is fitted are compared by name only."""
     from aeflow.models import create_model
 
     try:
@@ -222,10 +254,11 @@ def check_weights_fit(model: str, kwargs: dict, shapes: dict[str, tuple[int, ...
     except Exception as exc:  # noqa: BLE001 - a constructor refusing its arguments (ValueError, TypeError, ...)
         raise ConfigError(f"{config}: model_config does not build a {model!r} model "
                           f"({type(exc).__name__}: {exc})") from None
-    if expected == shapes:
-        return
     missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    other = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    # An empty buffer is a placeholder that fit() sizes (PaDiM's statistics, PatchCore's memory bank).
+    other = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k] and math.prod(expected[k]) > 0)
+    if not (missing or extra or other):
+        return
     parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
              f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
              f"{len(other)} of another shape (e.g. {other[0]}: {shapes[other[0]]} in the file, {expected[other[0]]} "
