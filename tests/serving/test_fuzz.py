@@ -13,6 +13,9 @@ from fuzz_corpus import (STAGES, VALID_CRAFTED, batch_predict, build_corpus, cou
 #: Byte-level mutants per valid seed file in the fast subset (the benchmark runs 66).
 MUTANTS = 2
 
+# One worker runs the module, so the corpus is run once (`make test` uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("fuzz")
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> list[Path]:
