@@ -191,3 +191,23 @@ def test_unreadable_folder_and_broken_links_are_listed_not_passed_over(tmp_path,
                              str(tmp_path / "dangling.png"): "a link that leads nowhere (broken or looping)"}
     with pytest.raises(BadFileError, match="dangling.png: a link that leads nowhere"):  # the first in name order
         scan_inputs([tmp_path], skip_bad=False)
+
+
+@pytest.mark.parametrize("document, reason", [
+    ([1, 2], r"not an aeflow split list \(a JSON list"),
+    ({"format": "aeflow-splits/1"}, r"malformed split file list \(KeyError"),
+    ({"format": "aeflow-splits/1", "checksums": {}, "splits": {"train": [{"source": "a.png", "mask": None,
+                                                                           "label": 0, "colour": "red"}]},
+      "layout": "folder", "seed": 0, "options": {}, "root": None}, r"malformed split file list \(TypeError"),
+    ({"format": "aeflow-splits/1", "checksums": {"/dev/zero": "0"}, "splits": {}, "layout": "x", "seed": 0,
+      "options": {}, "root": None}, r"/dev/zero \(missing, or not a regular file\)"),
+])
+def test_a_crafted_split_list_is_a_data_error(tmp_path, document, reason):
+    import json
+
+    from aeflow.data import load_splits
+    from aeflow.errors import DataError
+
+    (tmp_path / "splits.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match=reason):
+        load_splits(tmp_path)  # /dev/zero used to be hashed forever

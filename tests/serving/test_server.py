@@ -250,3 +250,16 @@ def test_a_slow_upload_is_cut_after_the_time_limit(run_dir, loaded):
         assert waited < 3  # the service answered while the client was still holding the upload open
         with httpx.Client(base_url=base, timeout=30) as client:
             assert client.get("/health").status_code == 200
+
+
+def test_a_hand_edited_split_list_does_not_break_the_model_endpoint(run_dir, loaded, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "splits.json").write_text('{"splits": [1, 2, 3]}')  # a list where an object belongs
+    with TestClient(create_app(run)) as client:
+        response = client.get("/model")
+        assert response.status_code == 200 and response.json()["training_data"] is None

@@ -131,6 +131,17 @@ def load_splits(run_dir: str | Path, *, root: str | Path | None = None, verify: 
         raise DataError(f"{path}: no split file list (was the run saved with save_splits?)") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read split file list: {exc}") from exc
+    try:
+        return _records_from(document, path, root, verify)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or crafted file
+        raise DataError(f"{path}: malformed split file list ({type(exc).__name__}: {exc})") from None
+
+
+def _records_from(document, path: Path, root, verify: bool) -> SplitRecords:
+    if not isinstance(document, dict):
+        raise DataError(f"{path}: not an aeflow split list (a JSON {type(document).__name__}, not an object)")
     if document.get("format") != _FORMAT:
         raise DataError(f"{path}: not an aeflow split list (format {document.get('format')!r})")
     base = str(Path(root).resolve()) if root is not None else document.get("root")
@@ -144,6 +155,9 @@ def load_splits(run_dir: str | Path, *, root: str | Path | None = None, verify: 
         changed = []
         for name, digest in document["checksums"].items():
             file = absolute(name)
+            if not Path(file).is_file():  # a device or a pipe named by a crafted list would be read forever
+                changed.append(f"{file} (missing, or not a regular file)")
+                continue
             try:
                 if sha256_file(file) != digest:
                     changed.append(f"{file} (content changed)")

@@ -104,16 +104,17 @@ class LoadedRun:
 
 
 def training_data_summary(run_dir: Path) -> dict | None:
-    """Layout and image counts per split from the run's splits.json, or None when the run has none."""
+    """Layout and image counts per split from the run's splits.json, or None when the run has none or it is not
+    a split list (a hand-edited file must not break GET /model)."""
     try:
         document = json.loads((run_dir / "splits.json").read_text())
-    except (OSError, ValueError):
+        counts = {}
+        for name, records in document.get("splits", {}).items():
+            labels = [r.get("label") for r in records]
+            counts[str(name)] = {"normal": labels.count(0), "anomalous": labels.count(1)}
+        return {"layout": str(document.get("layout")), "seed": document.get("seed"), "counts": counts}
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
-    counts = {}
-    for name, records in document.get("splits", {}).items():
-        labels = [r.get("label") for r in records]
-        counts[name] = {"normal": labels.count(0), "anomalous": labels.count(1)}
-    return {"layout": document.get("layout"), "seed": document.get("seed"), "counts": counts}
 
 
 def json_float(value: float) -> float | None:
