@@ -203,6 +203,7 @@ VALID_CRAFTED = frozenset({
     "name with spaces.png", "ünïcødé_名前.png", "hash#frame=1.png", "hash#1.dcm", "new\nline.png",
     "comma,and;semicolon.tif", "nifti1_rgb24.nii", "nifti1_rgba32.nii", "planar_3x1200x1200.tif",
     "small_page0_planar_page1.tif", "zeros_deflated.png", "declares_megabyte_but_deflate.nii.gz",
+    "tiff_ifd_loop.tif",  # its one page is read; the loop back to it is not followed
 })
 
 
@@ -303,6 +304,7 @@ def crafted_files() -> dict[str, bytes]:
         "depth_tiff.tif": _tiff_bytes(np.zeros((4, 24, 20), np.uint8), volumetric=True, photometric="minisblack"),
         "complex.tif": _tiff_bytes(np.zeros((24, 20), np.complex64)),
         "tiff_truncated.tif": _tiff_bytes(gray16)[:100],
+        "tiff_ifd_loop.tif": _tiff_ifd_loop(),
         "tiff_strip_beyond_eof.tif": _tiff_bytes(np.zeros((600, 600), np.uint16))[:2000],
         "zeros_deflated.png": _png_header(4000, 4000, idat=zlib.compress(b"\0" * (4001 * 4000), 9)),
         "declares_megabyte_but_deflate.nii.gz": gzip.compress(_nifti_forged(version=1, dims=(1024, 1024, 1),
@@ -322,6 +324,16 @@ def crafted_files() -> dict[str, bytes]:
         "unknown_suffix.gif": b"GIF89a" + b"\0" * 100,
     }
     return files
+
+
+def _tiff_ifd_loop() -> bytes:
+    """A TIFF whose first IFD names itself as the next one: a reader that follows the chain never ends."""
+    data = bytearray(_tiff_bytes(np.zeros((8, 8), np.uint8)))
+    offset = struct.unpack("<I", data[4:8])[0]
+    entries = struct.unpack("<H", data[offset:offset + 2])[0]
+    following = offset + 2 + 12 * entries
+    data[following:following + 4] = struct.pack("<I", offset)
+    return bytes(data)
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
