@@ -263,3 +263,37 @@ def test_a_hand_edited_split_list_does_not_break_the_model_endpoint(run_dir, loa
     with TestClient(create_app(run)) as client:
         response = client.get("/model")
         assert response.status_code == 200 and response.json()["training_data"] is None
+
+
+@pytest.fixture(scope="module")
+def plain_client(run_dir, loaded):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(run_dir, run=loaded, max_upload_mb=0.1)) as c:
+        yield c
+
+
+def _multipart(boundary: bytes, headers: bytes, payload: bytes, close: bool) -> bytes:
+    return b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + payload + (b"\r\n--" + boundary + b"--\r\n" if close else b"")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(boundary=st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=12).map(str.encode),
+       headers=st.binary(max_size=80),
+       payload=st.binary(max_size=300) | st.sampled_from([b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"II*\x00" + b"\1" * 40,
+                                                          b"\0" * 128 + b"DICM" + b"\2" * 40]),
+       close=st.booleans(), content_type=st.sampled_from(["multipart/form-data; boundary={b}", "multipart/form-data",
+                                                          "text/plain", "multipart/form-data; boundary=\"{b}\"", ""]),
+       query=st.sampled_from(["", "?frame=0", "?frame=1", "?frame=x", "?frame=", "?frame=1&frame=2", "?other=1"]))
+def test_any_malformed_request_is_answered_below_500(plain_client, boundary, headers, payload, close, content_type,
+                                                      query):
+    body = _multipart(boundary, b'Content-Disposition: form-data; name="file"; filename="f.png"\r\n' + headers,
+                      payload, close)
+    response = plain_client.post(f"/predict{query}", content=body,
+                                 headers={"content-type": content_type.format(b=boundary.decode("latin-1"))})
+    assert response.status_code < 500, response.text
+    assert "Traceback" not in response.text and "aeflow-upload-" not in response.text
