@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -3,7 +3,6 @@ and write threshold.json, metrics.json, metrics.csv and report.html into the run
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
