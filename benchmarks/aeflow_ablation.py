@@ -43,17 +43,17 @@ ROWS = [
     ("before", {}, {"select_on": "val_loss"}),
     ("+ per-image feature norm", {"feature_norm": "image"}, {}),
     ("+ checkpoint on validation AUROC", {}, {"select_on": "auto"}),
-    ("+ blend fitted on validation", {"score_mode": "validated"}, {}),
-    ("+ stride-8 flow", {"stages": [8, 16]}, {}),
+    ("+ blend fitted on validation (label-free: flow mean and max)", {"score_mode": "validated"}, {}),
     ("+ up-sampling decoder", {"decoder": "upsample"}, {}),
     ("+ fused pixel map", {"map_mode": "fused"}, {}),
+    ("+ stride-8 flow (an option, not the default)", {"stages": [8, 16]}, {}),
 ]
 KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "component/score_flow_nll/image_AUROC",
         "component/score_flow_max/image_AUROC", "component/score_recon/image_AUROC")
 
 
 def row_config(index: int, args) -> dict:
-    model_kwargs, train_options = dict(BASE), {}
+    model_kwargs, train_options = {**BASE, "backbone": args.backbone}, {}
     for _, model_change, train_change in ROWS[: index + 1]:
         model_kwargs.update(model_change)
         train_options.update(train_change)
@@ -72,7 +72,7 @@ def run_one(job: tuple[int, int, dict, str]) -> dict:
     from aeflow.training import train
 
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").is_file():
+    if (run_dir / "metrics.json").is_file() and _same_run(run_dir, config, seed):
         metrics = json.loads((run_dir / "metrics.json").read_text())
     else:
         if run_dir.exists():
@@ -90,6 +90,13 @@ def run_one(job: tuple[int, int, dict, str]) -> dict:
     return {"row": index, "seed": seed, **{k: metrics.get(k) for k in (*KEYS, "val_image_AUROC", "kept_epoch")}}
 
 
+def _same_run(run_dir: Path, config: dict, seed: int) -> bool:
+    """Whether the finished run in `run_dir` was trained with `config` and `seed` (then it is reused)."""
+    stored = json.loads((run_dir / "config.json").read_text())["train"]
+    return stored["seed"] == seed and all(stored.get(k) == v for k, v in config.items() if k != "model_kwargs") \
+        and all(stored["model_kwargs"].get(k) == v for k, v in config["model_kwargs"].items())
+
+
 def kept_epoch_auroc(run_dir: Path, epoch: int | None) -> float | None:
     import csv
 
@@ -97,6 +104,10 @@ def kept_epoch_auroc(run_dir: Path, epoch: int | None) -> float | None:
         rows = [r for r in csv.DictReader(f) if r.get("val_image_AUROC") and r.get("epoch") != ""]
     kept = [r for r in rows if int(float(r["epoch"])) == epoch]
     return float(kept[0]["val_image_AUROC"]) if kept else None
+
+
+def _tag(args) -> str:
+    return "" if args.backbone == BASE["backbone"] else f"-{args.backbone}"
 
 
 def cell(values: list) -> str:
@@ -112,6 +123,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--intensity", default="auto")
+    parser.add_argument("--backbone", default=BASE["backbone"], help="encoder of every row")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (0 = before); default all")
     parser.add_argument("--jobs", type=int, default=1)
@@ -122,13 +134,13 @@ def main() -> None:
         sys.exit(f"{args.data} not found at {DATA[args.data]['root']}")
     rows = [int(r) for r in args.rows.split(",")] if args.rows else list(range(len(ROWS)))
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(i, seed, row_config(i, args), str(Path(args.runs) / f"{args.data}-{args.size}-{args.intensity.replace(':', '_')}-row{i}-s{seed}"))
+    jobs = [(i, seed, row_config(i, args), str(Path(args.runs) / f"{args.data}-{args.size}-{args.intensity.replace(':', '_')}{_tag(args)}-row{i}-s{seed}"))
             for i in rows for seed in seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, jobs))
     lines = [
         f"Machine: {machine()}; {args.jobs} run(s) at a time, 1 thread each.",
-        f"Data: {args.data}, {args.size} px, intensity {args.intensity}; {args.epochs} epochs max, batch 32, lr 1e-3, "
+        f"Data: {args.data}, {args.size} px, intensity {args.intensity}, encoder {args.backbone}; {args.epochs} epochs max, batch 32, lr 1e-3, "
         f"seeds {args.seeds}. Threshold: the default rule on validation only. Cells: mean ± std over seeds.",
         f"Command: `python benchmarks/aeflow_ablation.py {' '.join(sys.argv[1:])}`",
         "",

@@ -112,7 +112,7 @@ def test_per_image_norm_makes_the_scores_blind_to_one_images_feature_scale():
 
 def test_validated_blend_weights_follow_the_validation_labels():
     """The blend is fitted to validation AUROC: with labels that one component explains, that component gets
-    the weight; with normal-only validation it is the fixed beta blend."""
+    the weight; with normal-only validation it is the label-free blend."""
     from aeflow.models.aeflow import SCORE_COMPONENTS
 
     model = small_model(score_mode="validated").eval()
@@ -130,7 +130,8 @@ def test_validated_blend_weights_follow_the_validation_labels():
     normal_only = model.calibration_set()
     normal_only.add(model.score_components(torch.rand(8, 1, 64, 64)), torch.zeros(8, dtype=torch.long))
     model.fit_calibration(normal_only)
-    assert model.blend_weights()["score_flow_nll"] == pytest.approx(0.9)
+    assert model.blend_weights()["score_flow_nll"] == pytest.approx(0.45)  # no labels: the label-free blend
+    assert model.blend_weights()["score_flow_max"] == pytest.approx(0.45)
     assert model.blend_weights()["score_recon"] == pytest.approx(0.1)
     assert list(model.blend_weights()) == list(SCORE_COMPONENTS)
 

@@ -37,6 +37,9 @@ SCORE_COMPONENTS = ("score_flow", "score_recon", "score_flow_nll", "score_flow_m
 # full NLL supersedes: it is kept for the paper's blend and for comparison).
 BLENDED = ("score_flow_nll", "score_flow_max", "score_recon")
 BLEND_GRID_STEP = 0.05
+# Smallest std a component is z-scored with, relative to its mean magnitude: variation below 0.1% of the value
+# counts as none (float32 rounding through a deep network reaches 1e-6..1e-5 relative).
+RELATIVE_STD_FLOOR = 1e-3
 
 
 class Decoder(nn.Sequential):
@@ -128,7 +131,9 @@ class AEFlow(AnomalyModel):
       "standardized" then blends beta * z(score_flow_nll) + (1 - beta) * z(score_recon). "validated" (default)
       fits the weights of z(score_flow_nll), z(score_flow_max) and z(score_recon) (non-negative, summing to 1, a
       grid of step 0.05) to the validation AUROC when the validation split holds labelled anomalies (at least
-      20 of each class), and falls back to the "standardized" weights otherwise. The weights are buffers: they travel
+      20 of each class). Without such labels nothing can say whether anomalies will be diffuse (a mean over
+      positions sees them) or local (a maximum does), so the flow's share beta is split equally between
+      z(score_flow_nll) and z(score_flow_max), 1 - beta on z(score_recon). The weights are buffers: they travel
       with the run, and `blend_weight` says what was chosen.
     - `map_mode`: "residual" (paper: smoothed |x - x'|), "flow" (up-sampled per-position NLL of z', averaged over
       the stages) or "fused" (mean of both after z-scoring each with the calibration statistics).
@@ -323,7 +328,7 @@ class AEFlow(AnomalyModel):
     def fit_calibration(self, collected: CalibrationSet) -> None:
         """Mean and std of each score component and of both pixel maps over the NORMAL images of `collected`,
         and the blend weights: fitted to the validation AUROC in "validated" mode when `collected` holds at least
-        MIN_VALIDATION_PER_CLASS images of each class (aeflow.models.base), the fixed beta blend otherwise."""
+        MIN_VALIDATION_PER_CLASS images of each class (aeflow.models.base), `_fixed_blend` otherwise."""
         labels = collected.label_tensor()
         normal = labels <= 0
         if int(normal.sum()) < 2:
@@ -332,7 +337,10 @@ class AEFlow(AnomalyModel):
         for i, name in enumerate(SCORE_COMPONENTS):
             values = collected.component(name)
             self.score_mean[i] = values[normal].mean()
-            self.score_std[i] = values[normal].std().clamp_min(1e-12)
+            # A component that does not vary over normal images beyond float32 precision (e.g. the NLL of an
+            # untrained flow on per-image normalised features, which is the same for every image) would otherwise
+            # be blown up from rounding noise into a large z-score.
+            self.score_std[i] = values[normal].std().clamp_min(RELATIVE_STD_FLOOR * float(values[normal].abs().mean()) + 1e-12)
             standardized[name] = (values - self.score_mean[i].double()) / self.score_std[i].double()
         count, total, total_sq = collected.map_sums.unbind(1)
         mean = total / count
@@ -344,9 +352,14 @@ class AEFlow(AnomalyModel):
         self.calibrated.fill_(True)
 
     def _fixed_blend(self) -> torch.Tensor:
-        """beta on z(score_flow_nll), 1 - beta on z(score_recon): the blend when no labels can choose one."""
+        """The blend when no labels choose one: "standardized", beta on z(score_flow_nll); "validated", beta split
+        equally between z(score_flow_nll) and z(score_flow_max); 1 - beta on z(score_recon)."""
         weight = torch.zeros(len(SCORE_COMPONENTS))
-        weight[SCORE_COMPONENTS.index("score_flow_nll")] = self.beta
+        if self.score_mode == "validated":
+            weight[SCORE_COMPONENTS.index("score_flow_nll")] = self.beta / 2
+            weight[SCORE_COMPONENTS.index("score_flow_max")] = self.beta / 2
+        else:
+            weight[SCORE_COMPONENTS.index("score_flow_nll")] = self.beta
         weight[SCORE_COMPONENTS.index("score_recon")] = 1 - self.beta
         return weight
 
