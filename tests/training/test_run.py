@@ -121,6 +121,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert not (run / "curves" / "metrics.before_resume.csv").exists()
 
 
+def test_resume_falls_back_to_best_when_last_is_torn(tmp_path):
+    run = train(tiny_config(max_epochs=2, select_on="val_loss"), tmp_path / "run")
+    last = run / "checkpoints" / "last.safetensors"
+    best_epoch = load_checkpoint(run / "checkpoints" / "best.safetensors")["epoch"]
+    last.write_bytes(last.read_bytes()[:1000])  # a kill in the middle of writing it
+    train(tiny_config(max_epochs=3, select_on="val_loss"), run, resume=True)
+    log = (run / "train.log").read_text()
+    assert f"best.safetensors: epoch {best_epoch + 1} done" in log
+    assert load_checkpoint(last)["epoch"] == 2
+
+
 def test_presets_and_options():
     paper = TrainConfig.from_dict({"preset": "paper"})
     assert (paper.lr, paper.weight_decay, paper.max_epochs, paper.image_size) == (2e-3, 1e-5, 100, 256)

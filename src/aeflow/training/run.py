@@ -45,7 +45,8 @@ from aeflow.data import load_data, save_splits
 from aeflow.data.sample import collate
 from aeflow.errors import CheckpointError, ConfigError
 from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, create_model
-from aeflow.training.checkpoint import SafeCheckpointIO, load_checkpoint, model_state, save_checkpoint
+from aeflow.training.checkpoint import (SafeCheckpointIO, load_checkpoint, model_state, newest_valid_checkpoint,
+                                       save_checkpoint)
 from aeflow.training.module import AnomalyModule
 from aeflow.training.presets import preset
 from aeflow.training.sampler import LabelledBatchSampler
@@ -178,7 +179,9 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             log.info("training on %d normal images and %d labelled anomalies, %d of them in every batch",
                      len(train_set), len(labelled), sampler.per_batch)
         if model.trained_by_gradient:
-            ckpt_path = last_checkpoint if resume and last_checkpoint.exists() else None
+            # A kill during the write of `last` leaves it torn (or absent): resume from the furthest checkpoint that loads.
+            ckpt_path = newest_valid_checkpoint([last_checkpoint, last_checkpoint.with_name("best.safetensors")]) \
+                if resume else None
             if ckpt_path is not None:
                 state = load_checkpoint(ckpt_path)
                 log.info("resuming from %s: epoch %d done, global step %d", ckpt_path, state["epoch"] + 1,
