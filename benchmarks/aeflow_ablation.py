@@ -57,6 +57,7 @@ def row_config(index: int, args) -> dict:
     for _, model_change, train_change in ROWS[: index + 1]:
         model_kwargs.update(model_change)
         train_options.update(train_change)
+    model_kwargs.update(json.loads(args.model_kwargs))
     data = {"layout": DATA[args.data]["layout"], "root": str(DATA[args.data]["root"]), "intensity": args.intensity}
     return {"model": "aeflow", "model_kwargs": model_kwargs, "image_size": args.size, "max_epochs": args.epochs,
             "batch_size": 32, "lr": 1e-3, "progress_bar": False, "data": data, **train_options}
@@ -107,7 +108,9 @@ def kept_epoch_auroc(run_dir: Path, epoch: int | None) -> float | None:
 
 
 def _tag(args) -> str:
-    return "" if args.backbone == BASE["backbone"] else f"-{args.backbone}"
+    tag = "" if args.backbone == BASE["backbone"] else f"-{args.backbone}"
+    extra = json.loads(args.model_kwargs)
+    return tag + "".join(f"-{k}_{v}" for k, v in sorted(extra.items()))
 
 
 def cell(values: list) -> str:
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--intensity", default="auto")
     parser.add_argument("--backbone", default=BASE["backbone"], help="encoder of every row")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON model arguments set on top of every row")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (0 = before); default all")
     parser.add_argument("--jobs", type=int, default=1)
@@ -140,7 +144,7 @@ def main() -> None:
         results = list(pool.map(run_one, jobs))
     lines = [
         f"Machine: {machine()}; {args.jobs} run(s) at a time, 1 thread each.",
-        f"Data: {args.data}, {args.size} px, intensity {args.intensity}, encoder {args.backbone}; {args.epochs} epochs max, batch 32, lr 1e-3, "
+        f"Data: {args.data}, {args.size} px, intensity {args.intensity}, encoder {args.backbone}, extra model arguments {args.model_kwargs}; {args.epochs} epochs max, batch 32, lr 1e-3, "
         f"seeds {args.seeds}. Threshold: the default rule on validation only. Cells: mean ± std over seeds.",
         f"Command: `python benchmarks/aeflow_ablation.py {' '.join(sys.argv[1:])}`",
         "",
