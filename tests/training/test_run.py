@@ -169,3 +169,24 @@ def test_curves_survive_two_resumes(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2, 3, 4]
     assert not (tmp_path / "metrics.before_resume.csv").exists()
+
+
+def test_kept_epoch_and_blend_weights_never_see_test_labels(tmp_path):
+    """Two runs on the same training and validation images, one with every test label flipped: what is chosen on
+    validation (the kept epoch, its criterion value, AE-FLOW's blend weights) must come out the same. With 20 + 20
+    labelled validation images both choices are made on validation AUROC here, so the test exercises them."""
+    import dataclasses
+
+    from aeflow.data import DataSplits, load_data
+
+    data_options = {"layout": "synthetic", "n_train": 16, "n_val": 40, "n_test": 12}
+    data = load_data(image_size=64, seed=0, **data_options)
+    flipped = dataclasses.replace(data.records, test=[dataclasses.replace(r, label=1 - r.label) for r in data.records.test])
+    swapped = DataSplits.from_records(flipped, image_size=64, channels=1)
+    config = tiny_config(max_epochs=3, data=data_options)
+    chosen = []
+    for name, splits in (("plain", data), ("flipped", swapped)):
+        run = train(config, tmp_path / name, data=splits)
+        chosen.append(json.loads((run / "selection.json").read_text()))
+    assert chosen[0]["criterion"] == "val_image_AUROC" and set(chosen[0]["blend_weights"]) >= {"score_flow_nll"}
+    assert chosen[0] == chosen[1]
