@@ -18,8 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 from common import machine, peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +57,12 @@ def run_seed(args, seed: int) -> dict:
 
 
 def kept_epoch_validation(run_dir: Path) -> dict:
-    """Validation AUROCs (135 normal / 389 pneumonia) logged at the epoch whose weights were kept (lowest
-    validation loss): the numbers a user may compare set-ups on without looking at the test set."""
+    """Validation AUROCs (135 normal / 389 pneumonia) logged at the epoch whose weights were kept (selection.json):
+    the numbers a user may compare set-ups on without looking at the test set."""
+    kept_epoch = json.loads((run_dir / "selection.json").read_text())["kept_epoch"]
     with open(run_dir / "curves" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
-    kept = min(rows, key=lambda r: float(r["val_loss"]))
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss") and int(float(r["epoch"])) == kept_epoch]
+    kept = rows[0]
     return {f"val/{key}": float(kept[key]) for key in kept if key.startswith("val_image_AUROC") and kept[key]}
 
 
