@@ -46,16 +46,14 @@ class AnomalyModule(L.LightningModule):
                           batch_size=int(normal.sum()))
         if not self.val_has_anomalies:
             return
-        if self._calibration is not None:
-            parts = self.model.score_components(batch.image)
-            self._calibration.add(parts, batch.label)
-        else:
-            parts = self.model.predict(batch.image)
-            self._val_scores.setdefault("pred_score", []).append(parts["pred_score"].detach().float().cpu())
-        for name, value in parts.items():
-            if name.startswith("score_"):
-                self._val_scores.setdefault(name, []).append(value.detach().float().cpu())
         self._val_labels.append(batch.label.cpu())
+        if self._calibration is not None:  # it keeps the components; the blend needs the whole epoch
+            self._calibration.add(self.model.score_components(batch.image), batch.label)
+            return
+        parts = self.model.predict(batch.image)
+        for name, value in parts.items():
+            if name == "pred_score" or name.startswith("score_"):
+                self._val_scores.setdefault(name, []).append(value.detach().float().cpu())
 
     def on_validation_epoch_start(self) -> None:
         fits_calibration = self.val_has_anomalies and hasattr(self.model, "fit_calibration")
@@ -67,9 +65,9 @@ class AnomalyModule(L.LightningModule):
         if not self.trainer.sanity_checking and (labels == 0).sum() >= 2 and (labels == 1).any():
             if self._calibration is not None:
                 self.model.fit_calibration(self._calibration)
-                parts = {name: self._calibration.component(name).float().to(self.device)
-                         for name in self._calibration.scores}
-                self._val_scores["pred_score"] = [self.model.blend(parts).float().cpu()]
+                parts = {name: self._calibration.component(name).float() for name in self._calibration.scores}
+                blended = self.model.blend({name: value.to(self.device) for name, value in parts.items()})
+                self._val_scores = {"pred_score": [blended.float().cpu()], **{k: [v] for k, v in parts.items()}}
             for name, values in self._val_scores.items():
                 auroc = float(roc_auc_score(labels.numpy(), torch.cat(values).numpy()))
                 self.log("val_image_AUROC" if name == "pred_score" else f"val_image_AUROC_{name.removeprefix('score_')}",

@@ -78,7 +78,8 @@ class TrainConfig:
         (`learns_from_labelled_anomalies`, e.g. "aeflow_gmm"); every training batch then holds some of them
         (aeflow.training.sampler.LabelledBatchSampler).
     select_on: what picks the kept checkpoint: "auto" (`selection_metric`: validation image AUROC when the
-        validation split holds labelled anomalies, else the validation loss of normals) or "val_loss" always.
+        validation split holds >= MIN_VALIDATION_PER_CLASS images of each class, else the validation loss of
+        normals) or "val_loss" always.
     """
 
     model: str = "aeflow"
@@ -160,8 +161,9 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
                              labelled_anomalies=config.labelled_anomalies, **config.data)
         model = _build_model(config)
         labelled = _labelled_for_training(data, config, model)
-        train_set, val_set, holdout, val_has_anomalies = _split_for_training(data, config.seed)
-        monitor, mode = selection_metric([r.label for r in data.records.val] if config.select_on == "auto" else [])
+        train_set, val_set, holdout, val_labels = _split_for_training(data, config.seed)
+        val_has_anomalies = 1 in val_labels
+        monitor, mode = selection_metric(val_labels if config.select_on == "auto" else [])
         if not resume:
             _write_config(run_dir, config, model, holdout, [r.source for r in data.records.labelled])
             save_splits(data, run_dir)
@@ -299,25 +301,23 @@ def selection_metric(val_labels: list[int]) -> tuple[str, str]:
     return ("val_image_AUROC", "max") if enough else ("val_loss", "min")
 
 
-def _split_for_training(data, seed: int) -> tuple[Dataset, Dataset, list[str], bool]:
-    """(train, validation, paths held out of training, whether validation has anomalies).
+def _split_for_training(data, seed: int) -> tuple[Dataset, Dataset, list[str], list[int]]:
+    """(train, validation, paths held out of training, the validation images' labels).
 
     Calibration (and the validation loss) use the normal validation images. A validation split without
     normals gets a held-out 10% (at least 2) of the training images added to it, drawn with the run's seed;
     their paths go into config.json so the run can be repeated.
     """
     val_labels = [r.label for r in data.records.val]
-    val_normals = [i for i, label in enumerate(val_labels) if label == 0]
-    has_anomalies = 1 in val_labels
-    if val_normals:
-        return data.train, data.val, [], has_anomalies
+    if 0 in val_labels:
+        return data.train, data.val, [], val_labels
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = max(2, len(order) // 10)
     held = Subset(data.train, order[:n_held])
     log.info("the validation split has no normal images: holding out %d training images for validation "
              "and calibration", n_held)
     return (Subset(data.train, order[n_held:]), ConcatDataset([held, data.val]),
-            [data.train[i].path for i in order[:n_held]], has_anomalies)
+            [data.train[i].path for i in order[:n_held]], [0] * n_held + val_labels)
 
 
 def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: str,
