@@ -182,9 +182,9 @@ def test_options_are_checked_at_the_door():
 # lesion. Chance gives AUROC 0.5 with a standard deviation of about 0.04 at 100 + 100 images (Hanley-McNeil), so
 # 0.75 is six standard deviations above chance. Measured with the defaults (per-image feature norm, validated
 # blend): 0.763 and 0.841 for seeds 0 and 1 (flow NLL alone 0.69 / 0.73, flow max 0.57 / 0.84, -SSIM 0.60 / 0.61;
-# validation put its weight on -SSIM for seed 0 and on the flow max for seed 1). The earlier default (per-channel
-# standardisation, NLL-only blend, last epoch) scored 0.83 / 0.86 here: on these bright local lesions the per-image
-# norm costs, as on the magnetic tiles (docs/aeflow.md). 64-px phantoms reach only ~0.70: a 4 x 4 latent map
+# validation put its weight on -SSIM for seed 0 and on the flow max for seed 1; `python benchmarks/phantom_checks.py`).
+# With the earlier default (per-channel standardisation, NLL-only blend, last epoch, 16 validation phantoms) this
+# docstring recorded 0.83 / 0.86: on these bright local lesions the per-image norm costs, as on the magnetic tiles. 64-px phantoms reach only ~0.70: a 4 x 4 latent map
 # dilutes a lesion too much.
 AUROC_BOUND = 0.75
 

@@ -24,9 +24,9 @@ def fitted():
 
     This tests the estimator's plumbing on a model known to separate these bright lesions at this tiny budget: the
     per-channel feature standardisation with the NLL-only blend (image AUROC 0.79 here). aeflow's default, the
-    per-image feature norm with the label-free mean + max flow blend, scored 0.48 on the same 60 phantoms (0.56
-    with 8 epochs and 4 flow steps; its flow-max component ranks these lesions below normals, 0.34-0.38): a
-    measured weakness of the default on small bright lesions, written up in docs/aeflow.md.
+    per-image feature norm with the label-free mean + max flow blend, scored 0.48 on the same 60 phantoms (its
+    flow-max component ranks these lesions below normals, 0.34): a measured weakness of the default on small
+    bright lesions, written up in docs/aeflow.md. Both numbers: `python benchmarks/phantom_checks.py`.
     """
     from .conftest import one_thread
 
