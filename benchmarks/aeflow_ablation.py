@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -110,7 +111,7 @@ def kept_epoch_auroc(run_dir: Path, epoch: int | None) -> float | None:
 def _tag(args) -> str:
     tag = "" if args.backbone == BASE["backbone"] else f"-{args.backbone}"
     extra = json.loads(args.model_kwargs)
-    return tag + "".join(f"-{k}_{v}" for k, v in sorted(extra.items()))
+    return tag + "".join(f"-{k}_{re.sub(r'[^0-9A-Za-z.]+', '', str(v))}" for k, v in sorted(extra.items()))
 
 
 def cell(values: list) -> str:

@@ -84,7 +84,8 @@ class FlowBottleneck(nn.Module):
       offset and scale), so the flow models the density of the normalised map u = (z - m(z)) / s(z), and
       log|det| is that of u -> z'. Deliberately: the overall feature scale is a property of the image's
       contrast, not of its content (on PneumoniaMNIST the per-image feature std alone ranks pneumonia at
-      AUROC 0.21, i.e. inverted), and a likelihood that keeps it is ruled by it. `inverse` then returns u.
+      test AUROC 0.19, i.e. inverted: benchmarks/pneumonia_probe.py), and a likelihood that keeps it is ruled
+      by it. `inverse` then returns u.
 
     The fixed permutations are drawn from numpy's global generator (FrEIA's choice) when the flow is built.
     Permutations and standardisation are in the state dict, so a flow rebuilt from its config and weights
