@@ -2,7 +2,18 @@
 
 from aeflow.models.base import AnomalyModel, available_models, create_model, register
 
-# Importing a model's module registers it.
-from aeflow.models import ae, aeflow, aeflow_gmm, cevae, cflow, differnet, draem, fastflow, ganomaly, padim, patchcore, vae  # noqa: E402,F401  isort: skip
+# Importing a model's module registers it: one line per model, so that adding a model touches one line.
+from aeflow.models import ae  # noqa: E402,F401
+from aeflow.models import aeflow  # noqa: E402,F401
+from aeflow.models import aeflow_gmm  # noqa: E402,F401
+from aeflow.models import cevae  # noqa: E402,F401
+from aeflow.models import cflow  # noqa: E402,F401
+from aeflow.models import differnet  # noqa: E402,F401
+from aeflow.models import draem  # noqa: E402,F401
+from aeflow.models import fastflow  # noqa: E402,F401
+from aeflow.models import ganomaly  # noqa: E402,F401
+from aeflow.models import padim  # noqa: E402,F401
+from aeflow.models import patchcore  # noqa: E402,F401
+from aeflow.models import vae  # noqa: E402,F401
 
 __all__ = ["AnomalyModel", "available_models", "create_model", "register"]
