@@ -154,7 +154,7 @@ def train(
 @app.command("test")
 def test_run(
     run: Path = typer.Option(..., "--run", help="Run folder written by `aeflow train`."),
-    rule: Optional[str] = typer.Option(None, "--threshold-rule", help="f1_optimal, target_sensitivity or conformal_fpr (default: f1_optimal when validation has anomalies, else conformal_fpr)."),
+    rule: Optional[str] = typer.Option(None, "--threshold-rule", help="fpr:ALPHA (conformal_fpr), f1 (f1_optimal) or sensitivity:T (target_sensitivity); default: f1 when validation has anomalies, else fpr:0.05."),
     rule_option: list[str] = typer.Option([], "--threshold-option", help="Rule parameter as key=value, e.g. alpha=0.05 or target=0.95."),
     root: Optional[Path] = typer.Option(None, "--root", help="Where the data lives now, if it moved since training."),
     batch_size: int = typer.Option(32, "--batch-size"),

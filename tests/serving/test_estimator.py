@@ -89,7 +89,7 @@ def test_contamination_sets_the_pyod_threshold_on_a_list_of_paths(tmp_path):
     ({"model": "nope"}, "unknown model"),
     ({"contamination": 0.7}, "contamination"),
     ({"threshold_rule": "fpr:abc"}, "must be a number"),
-    ({"threshold_rule": "median"}, "use 'fpr:ALPHA'"),
+    ({"threshold_rule": "median"}, "use fpr:ALPHA"),
     ({"threshold_rule": "fpr:1.5"}, "alpha"),
     ({"epochs": 0}, "epochs"),
     ({"image_size": 100}, "multiple of 16"),

@@ -254,14 +254,53 @@ def conformal_p_values(calibration_scores, scores) -> np.ndarray:
 RULES: dict[str, type[ThresholdRule]] = {r.name: r for r in (F1Optimal, TargetSensitivity, ConformalFPR)}
 
 
+#: Short names of the rules and the one parameter a "NAME:VALUE" spelling sets.
+RULE_ALIASES = {"fpr": "conformal_fpr", "f1": "f1_optimal", "sensitivity": "target_sensitivity"}
+_SHORT_PARAMETER = {"conformal_fpr": "alpha", "target_sensitivity": "target"}
+RULE_SYNTAX = ("fpr:ALPHA (= conformal_fpr:ALPHA, conformal_fpr(alpha=ALPHA)), f1 (= f1_optimal), "
+               "sensitivity:TARGET (= target_sensitivity:TARGET)")
+
+
 def make_rule(name: str, **params) -> ThresholdRule:
-    """A rule from its config name, e.g. make_rule("conformal_fpr", alpha=0.05)."""
-    if name not in RULES:
-        raise ConfigError(f"unknown threshold rule {name!r}; choose one of {sorted(RULES)}")
+    """A rule from the one vocabulary shared by the API, the command line and the run folder's files.
+
+    Every spelling names the same rule: make_rule("fpr:0.05") == make_rule("conformal_fpr:0.05") ==
+    make_rule("conformal_fpr", alpha=0.05) == make_rule("conformal_fpr(alpha=0.05)") (the form `describe` writes
+    into threshold.json); likewise "f1" / "f1_optimal" and "sensitivity:0.95" / "target_sensitivity(target=0.95)".
+    Keyword parameters (the command line's --threshold-option key=value) may not repeat one the text gives.
+    """
+    text = str(name).strip()
+    given: dict[str, Any] = {}
+    if text.endswith(")") and "(" in text:
+        text, _, inner = text[:-1].partition("(")
+        for pair in filter(None, (p.strip() for p in inner.split(","))):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise ConfigError(f"threshold rule {name!r}: expected NAME(key=value, ...); use {RULE_SYNTAX}")
+            given[key.strip()] = _rule_number(name, value)
+    elif ":" in text:
+        text, _, value = text.partition(":")
+        rule = RULE_ALIASES.get(text.strip(), text.strip())
+        if rule not in _SHORT_PARAMETER:
+            raise ConfigError(f"threshold rule {name!r}: '{text}' takes no parameter; use {RULE_SYNTAX}")
+        given[_SHORT_PARAMETER[rule]] = _rule_number(name, value)
+    rule = RULE_ALIASES.get(text.strip(), text.strip())
+    if rule not in RULES:
+        raise ConfigError(f"unknown threshold rule {name!r}; use {RULE_SYNTAX}")
+    repeated = set(given) & set(params)
+    if repeated:
+        raise ConfigError(f"threshold rule {name!r}: {', '.join(sorted(repeated))} given twice")
     try:
-        return RULES[name](**params)
+        return RULES[rule](**given, **params)
     except TypeError as e:
         raise ConfigError(f"threshold rule {name!r}: {e}") from None
+
+
+def _rule_number(rule: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"threshold rule {rule!r}: the parameter must be a number, got {value.strip()!r}") from None
 
 
 # --- the run folder's thresholds: one per rule, and the one in use ---------------------------------------------------
@@ -308,7 +347,8 @@ def save_threshold(run_dir: str | Path, threshold: Threshold, *, use: bool | Non
 
 def threshold_in_use(run_dir: str | Path, rule: str | None = None) -> Threshold:
     """The threshold predict and serve apply: threshold.json, or with `rule` the one fitted for that rule
-    (by its full name, "conformal_fpr(alpha=0.05)", or its base name when only one of that name was fitted)."""
+    (by its full name, "conformal_fpr(alpha=0.05)", any spelling of it that make_rule reads, "fpr:0.05", or its
+    base name, "conformal_fpr" / "fpr", when only one of that name was fitted)."""
     run_dir = Path(run_dir)
     if rule is None:
         path = run_dir / THRESHOLD_FILE
@@ -319,7 +359,14 @@ def threshold_in_use(run_dir: str | Path, rule: str | None = None) -> Threshold:
     fitted = fitted_thresholds(run_dir)
     if rule in fitted:
         return fitted[rule]
-    matches = [t for name, t in fitted.items() if name.split("(")[0] == rule]
+    try:  # any spelling of make_rule's vocabulary: "fpr:0.05" finds "conformal_fpr(alpha=0.05)"
+        canonical = make_rule(rule).describe()
+    except ConfigError:
+        canonical = None
+    if canonical in fitted and (":" in rule or "(" in rule):
+        return fitted[canonical]
+    base = RULE_ALIASES.get(rule, rule)
+    matches = [t for name, t in fitted.items() if name.split("(")[0] == base]
     if len(matches) == 1:
         return matches[0]
     choices = ", ".join(sorted(fitted)) or "none (run `aeflow test` first)"

@@ -14,8 +14,8 @@ RUN_HELP = ("Run folder written by `aeflow train` (config.json, model.safetensor
             "`aeflow test`.")
 
 
-THRESHOLD_RULE_HELP = ("Use the threshold `aeflow test` fitted for this rule (thresholds.json), e.g. f1_optimal or "
-                       "'conformal_fpr(alpha=0.05)', instead of the one in threshold.json.")
+THRESHOLD_RULE_HELP = ("Use the threshold `aeflow test` fitted for this rule (thresholds.json), e.g. f1, fpr:0.05 "
+                       "or 'conformal_fpr(alpha=0.05)', instead of the one in threshold.json.")
 
 
 def _slice_range(text: Optional[str]) -> Optional[tuple[int, int]]:
