@@ -165,3 +165,37 @@ def bits_per_dim(log_pz: torch.Tensor, log_det: torch.Tensor, dims: int) -> torc
     """Per-image negative log-likelihood of z in bits per latent dimension: -(log p(z') + log|det|) / (dims ln 2),
     from the summed log-density of z' and the flow's log-determinant (both B)."""
     return -(log_pz + log_det) / (dims * math.log(2))
+
+
+class ActNorm2d(nn.Module):
+    """Glow's activation normalisation on B x C x h x w maps: y = (x - bias) * exp(log_scale) per channel, with
+    bias and scale set from the first training batch so that y has zero mean and unit variance per channel
+    (data-dependent initialisation), then trained like any parameter.
+
+    FrEIA's ActNorm does the same but fixes its log-determinant to the spatial size given at construction and does
+    not floor the batch std; this one counts the positions of the map it is given (one module serves every input
+    size) and floors the std at 1e-3 (a channel constant on the first batch would get an infinite scale).
+    forward returns (y, log|det| per position, B x h x w), which sums to the image's log-determinant.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and not self.initialized:
+            self._initialize(x)
+        b, _, h, w = x.shape
+        return (x - self.bias) * self.log_scale.exp(), self.log_scale.sum().expand(b, h, w)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.log_scale) + self.bias
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        per_channel = x.detach().transpose(0, 1).flatten(1)
+        self.bias.copy_(per_channel.mean(1).view_as(self.bias))
+        self.log_scale.copy_(-per_channel.std(1, correction=0).clamp_min(1e-3).log().view_as(self.log_scale))
+        self.initialized.fill_(True)
