@@ -11,9 +11,13 @@ from aeflow.models import cflow  # noqa: E402,F401
 from aeflow.models import differnet  # noqa: E402,F401
 from aeflow.models import draem  # noqa: E402,F401
 from aeflow.models import fastflow  # noqa: E402,F401
+from aeflow.models import filter_bank  # noqa: E402,F401
 from aeflow.models import ganomaly  # noqa: E402,F401
+from aeflow.models import knn  # noqa: E402,F401
 from aeflow.models import padim  # noqa: E402,F401
 from aeflow.models import patchcore  # noqa: E402,F401
+from aeflow.models import statistical  # noqa: E402,F401
+from aeflow.models import texture  # noqa: E402,F401
 from aeflow.models import vae  # noqa: E402,F401
 
 __all__ = ["AnomalyModel", "available_models", "create_model", "register"]

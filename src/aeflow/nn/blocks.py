@@ -235,3 +235,31 @@ def adopt_buffer_shapes(module: nn.Module, state_dict: dict, prefix: str, names:
         saved = state_dict.get(prefix + name)
         if saved is not None:
             setattr(module, name, torch.empty_like(saved, device=getattr(module, name).device))
+
+
+class Moments:
+    """Running sums of x and x^2 over the batch dimension of tensors B x ... (float64): the mean and standard
+    deviation of every element (a pixel, a position and channel) over all images seen, from one pass.
+
+    The per-position Gaussians of the classical detectors (statistical, filter-bank, texture) and the normal-image
+    statistics that put their score components on one scale all come from it.
+    """
+
+    def __init__(self):
+        self.count, self.total, self.total_sq = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        if self.total is None:
+            self.total, self.total_sq = torch.zeros_like(x[0]), torch.zeros_like(x[0])
+        self.total += x.sum(0)
+        self.total_sq += x.pow(2).sum(0)
+        self.count += x.shape[0]
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and sample standard deviation (float32); DataError below two samples."""
+        if self.count < 2:
+            raise DataError(f"need at least 2 training images to estimate a spread; got {self.count}")
+        mean = self.total / self.count
+        var = (self.total_sq - self.count * mean.pow(2)).clamp_min(0) / (self.count - 1)
+        return mean.float(), var.sqrt().float()
