@@ -8,6 +8,7 @@ from aeflow.models import aeflow  # noqa: E402,F401
 from aeflow.models import aeflow_gmm  # noqa: E402,F401
 from aeflow.models import cevae  # noqa: E402,F401
 from aeflow.models import cflow  # noqa: E402,F401
+from aeflow.models import csflow  # noqa: E402,F401
 from aeflow.models import ddad  # noqa: E402,F401
 from aeflow.models import differnet  # noqa: E402,F401
 from aeflow.models import draem  # noqa: E402,F401
@@ -15,6 +16,7 @@ from aeflow.models import edgerec  # noqa: E402,F401
 from aeflow.models import fastflow  # noqa: E402,F401
 from aeflow.models import filter_bank  # noqa: E402,F401
 from aeflow.models import ganomaly  # noqa: E402,F401
+from aeflow.models import glow  # noqa: E402,F401
 from aeflow.models import knn  # noqa: E402,F401
 from aeflow.models import mnad  # noqa: E402,F401
 from aeflow.models import padim  # noqa: E402,F401
