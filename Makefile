@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch first and alone, only when missing: an exact version lets pip take a local CPU wheel
 	# (pip's find-links) instead of the newest CUDA build; override with `make TORCH_SPEC=... test`.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[serve,export,dev]"
+	$(PY) -m pip install -q -e ".[serve,export,dev,distributed]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -75,11 +75,11 @@ RUNS = Path("runs")
 def _train_config(
     *, model, preset, data, root, option, model_option, image_size, channels, intensity, epochs, batch_size, lr,
     weight_decay, patience, seed, precision, accelerator, devices, backbone, weights, freeze_encoder, subnet,
-    skip_bad,
+    skip_bad, strategy="auto", num_nodes=1,
 ) -> dict:
     """Command-line flags -> a TrainConfig dict; flags left unset keep the preset's (or TrainConfig's) value."""
     values: dict = {"model": model, "seed": seed, "precision": precision, "accelerator": accelerator,
-                    "devices": devices}
+                    "devices": devices, "strategy": strategy, "num_nodes": num_nodes}
     if preset:
         values["preset"] = preset
     for key, value in (("image_size", image_size), ("channels", channels), ("max_epochs", epochs),
@@ -119,7 +119,12 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     precision: str = typer.Option("32-true", "--precision", help="32-true or bf16-mixed."),
     accelerator: str = typer.Option("auto", "--accelerator", help="auto, cpu or gpu."),
-    devices: str = typer.Option("auto", "--devices", help="Number of devices, or auto."),
+    devices: str = typer.Option("auto", "--devices", help="Number of devices (processes) per node, or auto (one device "
+                                                      "unless a DDP strategy is given)."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto, ddp or ddp_spawn: several processes, each on its "
+                                                        "share of every epoch; --batch-size is per process (see "
+                                                        "docs/distributed.md)."),
+    num_nodes: int = typer.Option(1, "--num-nodes", min=1, help="Machines taking part (DDP)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="wide_resnet50_2, resnet18 or efficientnet_lite0."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local file of pretrained backbone weights."),
     freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder/--train-encoder", help="Keep the pretrained encoder fixed, or fine-tune it."),
@@ -136,7 +141,7 @@ def train(
         image_size=image_size, channels=channels, intensity=intensity, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, patience=patience, seed=seed, precision=precision, accelerator=accelerator,
         devices=int(devices) if devices.isdigit() else devices, backbone=backbone, weights=weights,
-        freeze_encoder=freeze_encoder, subnet=subnet, skip_bad=skip_bad,
+        freeze_encoder=freeze_encoder, subnet=subnet, skip_bad=skip_bad, strategy=strategy, num_nodes=num_nodes,
     )
     if labelled_anomalies:
         values["labelled_anomalies"] = labelled_anomalies

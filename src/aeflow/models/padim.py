@@ -9,14 +9,17 @@ up-sampled, smoothed distance map is the anomaly map and its maximum the image s
 
 Memory and scale, honestly: the model is P x d x d precision matrices (P = (H/4) x (W/4) positions), e.g. 3.8 GB
 in float32 for Wide-ResNet-50-2 at 224 px with d = 550, and fitting accumulates P x d x d sums in float64 (twice
-that). Fitting runs in one process: the statistics are sums, so shards could be merged by an all-reduce, but
-that is not implemented, and every device must hold the whole model to score. Positions are fixed by the
+that). The statistics are sums, so the fit shards: under DDP (aeflow.training.distributed) each rank sums over
+its share of the training images, and the count and both sums are all-reduced (torch.distributed, when a
+process group exists) before the Gaussians are formed: the one-process fit up to float64 summation order. What does not shard: every rank holds the full
+P x d x d sums while fitting, and every device must hold the whole model to score. Positions are fixed by the
 training image size, so test images must have that size (and be roughly aligned, as the paper assumes).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from aeflow.errors import AeflowError, ConfigError, DataError
@@ -85,7 +88,8 @@ class PaDiM(AnomalyModel):
 
     @torch.no_grad()
     def fit(self, loader) -> None:
-        """One pass over batches of normal images: accumulate per-position sums, then the Gaussians."""
+        """One pass over batches of normal images: accumulate per-position sums (over all ranks under DDP), then
+        the Gaussians."""
         count, total, outer = 0, None, None
         for batch in loader:
             x = self.embed(batch.image.to(self.channel_index.device)).flatten(2).permute(2, 0, 1).double()  # P x B x d
@@ -94,6 +98,11 @@ class PaDiM(AnomalyModel):
             total += x.sum(1)
             outer += x.transpose(1, 2) @ x
             count += x.shape[1]
+        if total is not None and dist.is_available() and dist.is_initialized():
+            sums = [torch.tensor([count], dtype=torch.float64, device=total.device), total, outer]
+            for value in sums:
+                dist.all_reduce(value)
+            count = int(sums[0].item())
         if count < 2:
             raise DataError(f"PaDiM needs at least 2 training images to estimate covariances; got {count}")
         mean, precision = gaussian_precisions(total, outer, count, self._config["epsilon"])

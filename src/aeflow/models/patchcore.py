@@ -8,14 +8,18 @@ the image score is the largest patch score, optionally reweighted by how isolate
 bank (paper, eq. 7). The up-sampled, smoothed patch-score map is the anomaly map.
 
 Memory and scale, honestly: fitting holds every training patch (N x (H/8) x (W/8) x D floats, D = 1536 for
-Wide-ResNet-50-2) in one process, and the greedy coreset is sequential over that whole set: neither can be
-sharded across workers. Scoring needs the whole (subsampled) bank on every device; distances are computed in
-chunks to bound memory.
+Wide-ResNet-50-2) of its images, and the greedy coreset is sequential over that set. Under DDP
+(aeflow.training.distributed) each rank embeds its share of the images and chooses its own coreset of the
+same ratio, and torch.distributed gathers the per-rank coresets, concatenated in rank order: a bank of the same size, whose every
+training patch is within its own shard's covering radius, but NOT the coreset one process would choose (the
+greedy k-center selection over the whole bank cannot be sharded; a 1-rank and a 2-rank fit differ). Scoring
+needs the whole (subsampled) bank on every device; distances are computed in chunks to bound memory.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from aeflow.errors import AeflowError, ConfigError, DataError
@@ -98,7 +102,8 @@ class PatchCore(AnomalyModel):
 
     @torch.no_grad()
     def fit(self, loader) -> None:
-        """Collect the patches of all training images, then keep a greedy coreset of them."""
+        """Collect the patches of all training images, then keep a greedy coreset of them (under DDP: of each rank's
+        images, then the ranks' coresets together)."""
         device = self.memory_bank.device
         patches = [self.embed(batch.image.to(device)).permute(0, 2, 3, 1).flatten(0, 2) for batch in loader]
         if not patches:
@@ -108,6 +113,10 @@ class PatchCore(AnomalyModel):
         if size < len(bank):
             generator = torch.Generator().manual_seed(self._config["seed"])
             bank = bank[greedy_coreset(bank, size, self._config["projection_dim"], generator)]
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, bank.cpu())
+            bank = torch.cat(parts).to(device)
         self.memory_bank = bank
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

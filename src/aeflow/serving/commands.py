@@ -58,6 +58,12 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results already in --out (without it, a "
                                                               "folder holding results is refused)."),
     threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help=THRESHOLD_RULE_HELP),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a pool of model replicas on "
+                                                         "a Ray cluster; needs aeflow[distributed])."),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the Ray cluster, e.g. auto or "
+                                                                  "ray://head:10001 (default: a local instance)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="--engine ray: model replicas (default: "
+                                                                         "one per CPU of the cluster)."),
 ):
     """Score images with a trained run: a CSV of scores and verdicts, and heat-map overlays.
 
@@ -69,7 +75,7 @@ def predict(
         csv_path = predict_paths(run, list(inputs), out, batch_size=batch_size, skip_bad=not strict,
                                  overlays=overlays, axis=axis, slice_range=_slice_range(slices),
                                  shard=_shard(shard), device=device, overwrite=overwrite,
-                                 threshold_rule=threshold_rule)
+                                 threshold_rule=threshold_rule, engine=engine, address=address, workers=workers)
     typer.echo(f"wrote {csv_path}")
     skipped_path = csv_path.with_name(csv_path.name.replace("predictions", "skipped", 1))
     with open(skipped_path, newline="") as f:

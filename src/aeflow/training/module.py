@@ -6,6 +6,15 @@ anomalies, the image AUROC of the model's score (`val_image_AUROC`) and of each 
 (`val_image_AUROC_<component>`). A model with a score calibration (AE-FLOW's `fit_calibration`) is calibrated
 on each epoch's validation pass first, so `val_image_AUROC` is that of the score the epoch's weights would be
 used with. Which of the two selects the kept checkpoint is decided in aeflow.training.run (`selection_metric`).
+
+Under DDP (several processes) training batches are sharded over the ranks and the logged training losses are
+averaged over them (`sync_dist`), so the curve is that of the global batch. Validation is NOT sharded: every rank
+scores the whole validation split (aeflow.training.distributed.WholeSplitSampler). The calibration, the blend
+fit and the AUROC need every validation image's score together, and a sharded pass would need all of them
+gathered, while torch's DistributedSampler also pads the shards with repeated images, which would count them
+twice in AUROC and calibration; with the whole split on every rank each rank fits the same calibration and logs
+the same metric, so the checkpoint and early-stopping decisions agree with no further communication. The cost:
+validation takes as long as in one process (it is small next to training in every set-up here).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ class AnomalyModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         losses = self.model.loss(batch)
         self.log_dict({f"train_{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, prog_bar=True,
-                      batch_size=len(batch))
+                      batch_size=len(batch), sync_dist=True)
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -43,7 +52,7 @@ class AnomalyModule(L.LightningModule):
         if normal.any():
             losses = self.model.loss(_select(batch, normal))
             self.log_dict({f"val_{k}": v for k, v in losses.items()}, on_epoch=True, prog_bar=True,
-                          batch_size=int(normal.sum()))
+                          batch_size=int(normal.sum()), sync_dist=True)
         if not self.val_has_anomalies:
             return
         self._val_labels.append(batch.label.cpu())
@@ -71,7 +80,7 @@ class AnomalyModule(L.LightningModule):
             for name, values in self._val_scores.items():
                 auroc = float(roc_auc_score(labels.numpy(), torch.cat(values).numpy()))
                 self.log("val_image_AUROC" if name == "pred_score" else f"val_image_AUROC_{name.removeprefix('score_')}",
-                         auroc)
+                         auroc, sync_dist=True)
         self._val_scores, self._val_labels, self._calibration = {}, [], None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -15,6 +15,10 @@ A run folder holds everything needed to use and to repeat the run:
                            the score blend weights of models that fit them (AE-FLOW)
     curves/metrics.csv     training curves (lightning's CSVLogger)
     train.log              what happened, in words
+
+Several processes (DDP through lightning: `strategy`, `devices`, `num_nodes`; launched by lightning itself, by
+torchrun or by SLURM's srun, see docs/distributed.md) write ONE run folder: rank 0 writes every file, the
+other ranks train and return. `batch_size` is per process, so the global batch is batch_size x processes.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from aeflow.errors import CheckpointError, ConfigError
 from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, create_model
 from aeflow.training.checkpoint import (SafeCheckpointIO, load_checkpoint, model_state, newest_valid_checkpoint,
                                        save_checkpoint)
+from aeflow.training.distributed import STRATEGIES, ShardSampler, WholeSplitSampler, launched_rank
 from aeflow.training.module import AnomalyModule
 from aeflow.training.presets import preset
 from aeflow.training.sampler import LabelledBatchSampler
@@ -58,7 +63,8 @@ SELECTION_FILE = "selection.json"
 SELECT_ON = ("auto", "val_loss")
 MODEL_FILE = "model.safetensors"
 # Settings a resumed run may change: they say how to run, not what is trained.
-RESUMABLE_CHANGES = {"max_epochs", "patience", "progress_bar", "num_workers", "accelerator", "devices"}
+RESUMABLE_CHANGES = {"max_epochs", "patience", "progress_bar", "num_workers", "accelerator", "devices", "strategy",
+                     "num_nodes"}
 
 
 @dataclass
@@ -80,6 +86,10 @@ class TrainConfig:
     select_on: what picks the kept checkpoint: "auto" (`selection_metric`: validation image AUROC when the
         validation split holds >= MIN_VALIDATION_PER_CLASS images of each class, else the validation loss of
         normals) or "val_loss" always.
+    strategy, devices, num_nodes: lightning's; "ddp" or "ddp_spawn" (or devices / num_nodes above 1) train in
+        several processes, each on its share of every epoch (aeflow.training.distributed.ShardSampler) with
+        `batch_size` images per step. With strategy "auto", devices "auto" means ONE device: more than one
+        process only when asked. Memory-bank models (PaDiM, PatchCore) fit on shards under "ddp".
     """
 
     model: str = "aeflow"
@@ -96,6 +106,8 @@ class TrainConfig:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
     num_workers: int = 0
     progress_bar: bool = True
     preset: str | None = None
@@ -116,6 +128,11 @@ class TrainConfig:
         config.validate()
         return config
 
+    @property
+    def multiprocess(self) -> bool:
+        """Whether more than one training process was asked for (any DDP strategy, node or device count > 1)."""
+        return self.strategy != "auto" or self.num_nodes > 1 or str(self.devices) not in ("1", "auto")
+
     def validate(self) -> None:
         if self.image_size % 16 or not 16 <= self.image_size <= 4096:
             raise ConfigError(f"image_size must be a multiple of 16, got {self.image_size}")
@@ -129,6 +146,10 @@ class TrainConfig:
         if isinstance(self.labelled_anomalies, bool) or not isinstance(self.labelled_anomalies, int) \
                 or self.labelled_anomalies < 0:
             raise ConfigError(f"labelled_anomalies must be an integer >= 0, got {self.labelled_anomalies!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
+            raise ConfigError(f"num_nodes must be an integer >= 1, got {self.num_nodes!r}")
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if "labelled_anomalies" in self.data:
@@ -153,8 +174,9 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
     elif (run_dir / CONFIG_FILE).exists() or last_checkpoint.exists():
         raise ConfigError(f"{run_dir} already holds a run: pass resume=True to continue it, or choose a new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    writer = launched_rank() == 0  # the other processes of a multi-process run train and return
 
-    with _log_to(run_dir / "train.log"):
+    with _log_to(run_dir / "train.log") if writer else contextlib.nullcontext():
         L.seed_everything(config.seed, workers=True, verbose=False)
         if data is None:
             data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed,
@@ -164,15 +186,21 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
         train_set, val_set, holdout, val_labels = _split_for_training(data, config.seed)
         val_has_anomalies = 1 in val_labels
         monitor, mode = selection_metric(val_labels if config.select_on == "auto" else [])
-        if not resume:
+        if not resume and writer:
             _write_config(run_dir, config, model, holdout, [r.source for r in data.records.labelled])
             save_splits(data, run_dir)
 
-        def loader(dataset: Dataset, shuffle: bool) -> DataLoader:
-            return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, collate_fn=collate,
-                              num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+        def loader(dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
+            return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, sampler=sampler,
+                              collate_fn=collate, num_workers=config.num_workers,
+                              persistent_workers=config.num_workers > 0)
 
-        if labelled is None:
+        if labelled is None and config.multiprocess:
+            # A memory-bank fit sums over its shard in one pass: no shuffle, and no image dealt twice (pad=False).
+            by_gradient = model.trained_by_gradient
+            train_loader = loader(train_set, sampler=ShardSampler(train_set, shuffle=by_gradient, seed=config.seed,
+                                                                  pad=by_gradient))
+        elif labelled is None:
             train_loader = loader(train_set, shuffle=True)
         else:
             sampler = LabelledBatchSampler(len(train_set), len(labelled), config.batch_size, seed=config.seed)
@@ -192,24 +220,35 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
                 log.info("resume asked but no checkpoint was written yet: training from the start")
             module = AnomalyModule(model, config.lr, config.weight_decay, val_has_anomalies=val_has_anomalies)
             curves = _Curves(run_dir / "curves")
-            if ckpt_path is not None:
+            if ckpt_path is not None and writer:
                 curves.set_aside(epochs_done=state["epoch"] + 1)
             with _quiet_lightning():
-                trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=len(train_loader), monitor=monitor,
-                                                mode=mode)
-                trainer.fit(module, train_loader, loader(val_set, shuffle=False), ckpt_path=ckpt_path)
+                # Before fit no process group exists: len(train_loader) is the epoch's steps over all processes.
+                processes = config.devices * config.num_nodes if isinstance(config.devices, int) else 1
+                trainer, checkpoints = _trainer(config, run_dir, steps_per_epoch=-(-len(train_loader) // processes),
+                                                monitor=monitor, mode=mode)
+                # Every rank validates on the whole split (see aeflow.training.module).
+                trainer.fit(module, train_loader, loader(val_set, sampler=WholeSplitSampler(val_set)),
+                            ckpt_path=ckpt_path)
+            if trainer.global_rank != 0:
+                return run_dir
             curves.merge()
             log.info("training stopped after epoch %d, global step %d", trainer.current_epoch, trainer.global_step)
             best = Path(checkpoints.best_model_path) if checkpoints.best_model_path else last_checkpoint
             kept = load_checkpoint(best)
             model.load_state_dict(model_state(kept))
-            score = checkpoints.best_model_score
+            # Under ddp_spawn the score stays in the worker processes; the checkpoint holds it too.
+            score = checkpoints.best_model_score if checkpoints.best_model_score is not None else \
+                kept.get("callbacks", {}).get(checkpoints.state_key, {}).get("best_model_score")
             selection = {"criterion": monitor, "mode": mode, "kept_checkpoint": best.name,
                          "kept_epoch": int(kept["epoch"]), "value": None if score is None else float(score)}
             log.info("kept the weights of %s, epoch %d (%s %s)", best.name, kept["epoch"], monitor,
                      "n/a" if score is None else f"{float(score):.5g}")
         else:
-            model.fit(train_loader)
+            with _fit_processes(config) as rank:
+                model.fit(train_loader)  # under DDP each rank fits its shard and the model merges them
+            if rank != 0:
+                return run_dir
             selection = {"criterion": "none (fitted in one pass)"}
         if hasattr(model, "calibrate"):
             # Normal validation images give the statistics; labelled anomalies, where there are any, the blend.
@@ -335,10 +374,17 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=config.patience))
     if config.progress_bar:
         callbacks.append(RichProgressBar())
+    devices = 1 if config.devices == "auto" and not config.multiprocess else config.devices
     trainer = L.Trainer(
         max_epochs=config.max_epochs,
         accelerator=config.accelerator,
-        devices=config.devices,
+        devices=devices,
+        strategy=config.strategy,
+        num_nodes=config.num_nodes,
+        # The samplers are aeflow's (ShardSampler, LabelledBatchSampler, WholeSplitSampler), rank-aware already.
+        use_distributed_sampler=False,
+        # torch's SyncBatchNorm runs on GPUs only; on CPUs each rank normalises with its own batch's statistics.
+        sync_batchnorm=config.multiprocess and config.accelerator != "cpu" and torch.cuda.is_available(),
         precision=config.precision,
         logger=CSVLogger(run_dir, name="", version="curves"),
         callbacks=callbacks,
@@ -349,6 +395,28 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
         default_root_dir=run_dir,
     )
     return trainer, checkpoints
+
+
+@contextlib.contextmanager
+def _fit_processes(config: TrainConfig) -> Iterator[int]:
+    """Around a memory-bank model's `fit`: in one process, nothing (yields rank 0); with `config.multiprocess`,
+    the processes of lightning Fabric's launcher (or of torchrun / srun, which it joins) and a gloo process group
+    for the model's collective sums and gathers (the fits run on CPU tensors); yields this process's rank."""
+    if not config.multiprocess:
+        yield 0
+        return
+    if config.strategy == "ddp_spawn":
+        raise ConfigError(f"model {config.model!r} fits in one pass without gradients: run it with strategy 'ddp' "
+                          "(or launch the processes with torchrun / srun), not 'ddp_spawn'")
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                    strategy=DDPStrategy(process_group_backend="gloo"))
+    fabric.launch()
+    log.info("fitting on %d processes, this one rank %d", fabric.world_size, fabric.global_rank)
+    yield fabric.global_rank
+    fabric.barrier()
 
 
 class _Curves:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+from aeflow.training.distributed import rank_and_world, shard_batches
+
 
 def anomalies_per_batch(batch_size: int, n_labelled: int) -> int:
     """How many labelled anomalies each batch holds: one per 8 images (2 in a batch of 16), at least one, at
@@ -20,6 +22,10 @@ class LabelledBatchSampler(Sampler[list[int]]):
     cycling when it runs out, so with K anomalies each is seen about as often as the others: a handful of
     labels is oversampled, not drowned by a thousand normals, and every batch holds at least one. Shuffles
     depend on (seed, epoch) only, so a resumed run sees the same batches (lightning calls `set_epoch`).
+
+    Under DDP every rank draws the same epoch of batches and keeps its share (batches rank, rank + W, ...;
+    aeflow.training.distributed.shard_batches), so each normal image is seen once per epoch over all ranks and
+    every rank's batch holds its `per_batch` anomalies. The rank is read when an epoch starts.
     """
 
     def __init__(self, n_normal: int, n_labelled: int, batch_size: int, seed: int = 0):
@@ -34,15 +40,22 @@ class LabelledBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
+        return -(-self.epoch_batches() // rank_and_world()[1])
+
+    def epoch_batches(self) -> int:
+        """Batches in one epoch over all ranks together."""
         return -(-self.n_normal // self.normals_per_batch)
 
-    def __iter__(self):
+    def all_batches(self) -> list[list[int]]:
+        """The epoch's batches of all ranks together (what one process trains on)."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         normals = torch.randperm(self.n_normal, generator=generator).tolist()
-        needed = len(self) * self.per_batch
-        rounds = -(-needed // self.n_labelled)
+        count = self.epoch_batches()
+        rounds = -(-count * self.per_batch // self.n_labelled)
         anomalies = [self.n_normal + i for _ in range(rounds)
                      for i in torch.randperm(self.n_labelled, generator=generator).tolist()]
-        for b in range(len(self)):
-            chunk = normals[b * self.normals_per_batch:(b + 1) * self.normals_per_batch]
-            yield chunk + anomalies[b * self.per_batch:(b + 1) * self.per_batch]
+        return [normals[b * self.normals_per_batch:(b + 1) * self.normals_per_batch]
+                + anomalies[b * self.per_batch:(b + 1) * self.per_batch] for b in range(count)]
+
+    def __iter__(self):
+        yield from shard_batches(self.all_batches(), *rank_and_world())

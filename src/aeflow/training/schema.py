@@ -99,6 +99,8 @@ TRAIN_FIELDS = {
     "precision": _one_of("32-true", "bf16-mixed", "16-mixed"),
     "accelerator": _text(),
     "devices": _either(_whole(1, 1024), _text()),
+    "strategy": _one_of("auto", "ddp", "ddp_spawn"),
+    "num_nodes": _whole(1, 4096),
     "num_workers": _whole(0, 256),
     "progress_bar": _one_of(True, False),
     "preset": _text(optional=True),
