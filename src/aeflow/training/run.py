@@ -169,12 +169,13 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     config.validate()
     last_checkpoint = run_dir / "checkpoints" / "last.safetensors"
+    # The other processes of a multi-process run train and return; they may start after rank 0 wrote the folder.
+    writer = launched_rank() == 0
     if resume:
         config = _resumed_config(run_dir, config)
-    elif (run_dir / CONFIG_FILE).exists() or last_checkpoint.exists():
+    elif writer and ((run_dir / CONFIG_FILE).exists() or last_checkpoint.exists()):
         raise ConfigError(f"{run_dir} already holds a run: pass resume=True to continue it, or choose a new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    writer = launched_rank() == 0  # the other processes of a multi-process run train and return
 
     with _log_to(run_dir / "train.log") if writer else contextlib.nullcontext():
         L.seed_everything(config.seed, workers=True, verbose=False)
