@@ -100,6 +100,14 @@ def _train_config(
 
 @app.command()
 def train(
+    ctx: typer.Context,
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML or JSON file of these options (keys as "
+                                               "the flags without --, e.g. epochs: 10, option: {size: 64}); flags "
+                                               "given on the command line override it. A run's config.json works too."),
+    from_run: Optional[Path] = typer.Option(None, "--from", help="Repeat the run in this folder: its config.json, "
+                                            "with any flag given here changed (default --name: <run>-repeat)."),
+    logger: str = typer.Option("csv", "--logger", help="csv (curves/metrics.csv), tensorboard (also tensorboard/) "
+                                                       "or mlflow (also mlruns/, a local file store)."),
     data: str = typer.Option("synthetic", "--data", help=DATA_HELP),
     root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP),
     model: str = typer.Option("aeflow", "--model", help="Registered model name (see `aeflow models`)."),
@@ -135,6 +143,31 @@ def train(
 ):
     """Train a model on normal images and save a run folder (config, split lists, checkpoints, curves, log)."""
     from aeflow.training import train as train_run
+    from aeflow.training.config_file import merge_options, read_options
+
+    if config_file is not None and from_run is not None:
+        raise typer.BadParameter("give --config FILE or --from RUN, not both")
+    with user_errors():
+        stored = read_options(from_run / "config.json" if from_run else config_file) \
+            if config_file or from_run else None
+    explicit = {k for k in ctx.params  # typer vendors click: its ParameterSource is compared by name
+                if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    if stored is not None and stored.flags is not None:  # a file of flags: the command line's win
+        unknown = set(stored.flags) - set(ctx.params) - {"config", "from"}
+        if unknown:
+            raise typer.BadParameter(f"{config_file}: unknown option(s) {', '.join(sorted(unknown))}; the keys are "
+                                     f"`aeflow train` flags without -- (see aeflow train --help)")
+        flags = merge_options(ctx.params, stored.flags, explicit)
+        data, root, model, preset, name = flags["data"], flags["root"], flags["model"], flags["preset"], flags["name"]
+        runs, option, model_option, image_size = Path(flags["runs"]), flags["option"], flags["model_option"], flags["image_size"]
+        channels, intensity, epochs, batch_size = flags["channels"], flags["intensity"], flags["epochs"], flags["batch_size"]
+        lr, weight_decay, patience, seed = flags["lr"], flags["weight_decay"], flags["patience"], flags["seed"]
+        precision, accelerator, devices = flags["precision"], flags["accelerator"], str(flags["devices"])
+        strategy, num_nodes, backbone, weights = flags["strategy"], flags["num_nodes"], flags["backbone"], flags["weights"]
+        freeze_encoder, subnet, skip_bad = flags["freeze_encoder"], flags["subnet"], flags["skip_bad"]
+        labelled_anomalies, resume, logger = flags["labelled_anomalies"], flags["resume"], flags["logger"]
+        root = Path(root) if root else None
+        weights = Path(weights) if weights else None
 
     values = _train_config(
         model=model, preset=preset, data=data, root=root, option=option, model_option=model_option,
@@ -145,15 +178,33 @@ def train(
     )
     if labelled_anomalies:
         values["labelled_anomalies"] = labelled_anomalies
-    run_dir = runs / (name or f"{model}-{data}-s{seed}")
+    values["logger"] = logger
+    if stored is not None and stored.train is not None:  # a run's config: the flags given here change it
+        values = stored.with_overrides(values, explicit)
+        model, data, seed = values["model"], values.get("data", {}).get("layout", data), values.get("seed", seed)
+    default_name = f"{from_run.name}-repeat" if from_run else f"{model}-{data}-s{seed}"
+    run_dir = runs / (name or default_name)
     from aeflow.training import TrainConfig
     from aeflow.training.schema import check_model_options
 
     with user_errors():
         config = TrainConfig.from_dict(values)  # every option is checked before any data is read
         check_model_options(config.model, config.model_kwargs, where="-m/--model-option")
+        typer.echo(_resolved(config, run_dir))
         train_run(config, run_dir, resume=resume)
-    typer.echo(f"run saved in {run_dir}")
+    typer.echo(f"run saved in {run_dir}\n"
+               f"next: aeflow test --run {run_dir}              (metrics, thresholds, report.html)\n"
+               f"      aeflow predict --run {run_dir} IMAGES...  (score new images)")
+
+
+def _resolved(config, run_dir: Path) -> str:
+    """The resolved training config, as YAML a --config file may hold (under `train:`)."""
+    import dataclasses
+
+    import yaml
+
+    text = yaml.safe_dump({"train": dataclasses.asdict(config)}, sort_keys=False, default_flow_style=None, width=78)
+    return f"training {config.model} into {run_dir} with:\n{text.rstrip()}"
 
 
 @app.command("test")
