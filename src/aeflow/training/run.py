@@ -389,9 +389,9 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=config.patience))
     if config.progress_bar:
         callbacks.append(EpochLines())
+    bar = config.progress_bar and show_progress_bar()  # a redrawn bar only on a terminal; lines always
     if bar:
         callbacks.append(NarrowProgressBar())
-    bar = config.progress_bar and show_progress_bar()  # a redrawn bar only on a terminal; lines always
     devices = 1 if config.devices == "auto" and not config.multiprocess else config.devices
     trainer = L.Trainer(
         max_epochs=config.max_epochs,
@@ -437,20 +437,6 @@ def _fit_processes(config: TrainConfig) -> Iterator[int]:
     fabric.barrier()
 
 
-class _Curves:
-    """Keeps the training curves of a resumed run whole.
-
-    Lightning's CSVLogger deletes `metrics.csv` when it starts in a folder that has one, which on `--resume` would
-    lose the epochs trained before the crash. So before a resumed fit the old rows of finished epochs are moved
-    to `metrics.before_resume.csv` (appended there, so a run resumed twice keeps both parts; rows of the epoch
-    that was cut short are dropped, as it is trained again), and after the fit they are put back in front of the
-    new rows. A crash during the resumed fit leaves them in the side file, where the next resume finds them.
-    """
-
-    def __init__(self, folder: Path):
-        self.current, self.before = folder / "metrics.csv", folder / "metrics.before_resume.csv"
-
-    def set_aside(self, epochs_done: int) -> None:
 def _loggers(config: TrainConfig, run_dir: Path) -> list:
     """The CSV curves always (reports and resume read them), plus the experiment logger asked for."""
     loggers: list = [CSVLogger(run_dir, name="", version="curves")]
@@ -488,6 +474,20 @@ def _loggers(config: TrainConfig, run_dir: Path) -> list:
     @staticmethod
     def _read(path: Path) -> list[dict[str, str]]:
         if not path.exists():
+class _Curves:
+    """Keeps the training curves of a resumed run whole.
+
+    Lightning's CSVLogger deletes `metrics.csv` when it starts in a folder that has one, which on `--resume` would
+    lose the epochs trained before the crash. So before a resumed fit the old rows of finished epochs are moved
+    to `metrics.before_resume.csv` (appended there, so a run resumed twice keeps both parts; rows of the epoch
+    that was cut short are dropped, as it is trained again), and after the fit they are put back in front of the
+    new rows. A crash during the resumed fit leaves them in the side file, where the next resume finds them.
+    """
+
+    def __init__(self, folder: Path):
+        self.current, self.before = folder / "metrics.csv", folder / "metrics.before_resume.csv"
+
+    def set_aside(self, epochs_done: int) -> None:
             return []
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
