@@ -387,9 +387,9 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
     callbacks: list[L.Callback] = [checkpoints, last, _EpochLog()]
     if config.patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=config.patience))
+    bar = config.progress_bar and show_progress_bar()  # a redrawn bar only on a terminal; lines always
     if config.progress_bar:
         callbacks.append(EpochLines())
-    bar = config.progress_bar and show_progress_bar()  # a redrawn bar only on a terminal; lines always
     if bar:
         callbacks.append(NarrowProgressBar())
     devices = 1 if config.devices == "auto" and not config.multiprocess else config.devices
@@ -415,28 +415,6 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
     return trainer, checkpoints
 
 
-@contextlib.contextmanager
-def _fit_processes(config: TrainConfig) -> Iterator[int]:
-    """Around a memory-bank model's `fit`: in one process, nothing (yields rank 0); with `config.multiprocess`,
-    the processes of lightning Fabric's launcher (or of torchrun / srun, which it joins) and a gloo process group
-    for the model's collective sums and gathers (the fits run on CPU tensors); yields this process's rank."""
-    if not config.multiprocess:
-        yield 0
-        return
-    if config.strategy == "ddp_spawn":
-        raise ConfigError(f"model {config.model!r} fits in one pass without gradients: run it with strategy 'ddp' "
-                          "(or launch the processes with torchrun / srun), not 'ddp_spawn'")
-    from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
-
-    fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                    strategy=DDPStrategy(process_group_backend="gloo"))
-    fabric.launch()
-    log.info("fitting on %d processes, this one rank %d", fabric.world_size, fabric.global_rank)
-    yield fabric.global_rank
-    fabric.barrier()
-
-
 def _loggers(config: TrainConfig, run_dir: Path) -> list:
     """The CSV curves always (reports and resume read them), plus the experiment logger asked for."""
     loggers: list = [CSVLogger(run_dir, name="", version="curves")]
@@ -460,20 +438,6 @@ def _loggers(config: TrainConfig, run_dir: Path) -> list:
     return loggers
 
 
-        rows = self._read(self.before) + [r for r in self._read(self.current)
-                                          if r.get("epoch", "") != "" and int(float(r["epoch"])) < epochs_done]
-        if rows:
-            self._write(self.before, rows)
-        self.current.unlink(missing_ok=True)
-
-    def merge(self) -> None:
-        if self.before.exists():
-            self._write(self.current, self._read(self.before) + self._read(self.current))
-            self.before.unlink()
-
-    @staticmethod
-    def _read(path: Path) -> list[dict[str, str]]:
-        if not path.exists():
 class _Curves:
     """Keeps the training curves of a resumed run whole.
 
@@ -488,6 +452,20 @@ class _Curves:
         self.current, self.before = folder / "metrics.csv", folder / "metrics.before_resume.csv"
 
     def set_aside(self, epochs_done: int) -> None:
+        rows = self._read(self.before) + [r for r in self._read(self.current)
+                                          if r.get("epoch", "") != "" and int(float(r["epoch"])) < epochs_done]
+        if rows:
+            self._write(self.before, rows)
+        self.current.unlink(missing_ok=True)
+
+    def merge(self) -> None:
+        if self.before.exists():
+            self._write(self.current, self._read(self.before) + self._read(self.current))
+            self.before.unlink()
+
+    @staticmethod
+    def _read(path: Path) -> list[dict[str, str]]:
+        if not path.exists():
             return []
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
