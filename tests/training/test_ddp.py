@@ -235,3 +235,10 @@ def test_strategy_options_are_checked():
 def test_memory_bank_models_refuse_ddp_spawn(tmp_path):
     with pytest.raises(ConfigError, match="ddp_spawn"):
         train({**MEMORY_BANK, "model": "padim", "strategy": "ddp_spawn", "devices": 2}, tmp_path / "run")
+
+
+def test_ddp_spawn_refuses_a_model_it_cannot_send_before_writing(tmp_path):
+    """ddp_spawn pickles the model for the processes it starts; FrEIA's flows hold lambdas."""
+    with pytest.raises(ConfigError, match="use strategy 'ddp'"):
+        train({**TINY_AEFLOW, "strategy": "ddp_spawn", "devices": 2, "batch_size": 4}, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
