@@ -25,11 +25,11 @@ from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
 from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, register
 from aeflow.nn.backbones import create_backbone
-from aeflow.nn.blocks import gaussian_blur, stage_modules, stage_outputs
+from aeflow.nn.blocks import adopt_buffer_shapes, gaussian_blur, stage_modules, stage_outputs
 from aeflow.nn.flow import INPUT_NORMS, SUBNETS, FlowBottleneck, bits_per_dim, standard_normal_log_prob
 
 SCORE_MODES = ("paper", "standardized", "validated")
-MAP_MODES = ("residual", "flow", "fused")
+MAP_MODES = ("residual", "flow", "fused", "position")
 DECODERS = ("transposed", "upsample")
 # Order of the per-component calibration buffers.
 SCORE_COMPONENTS = ("score_flow", "score_recon", "score_flow_nll", "score_flow_max")
@@ -82,6 +82,8 @@ class CalibrationSet:
         self.scores: dict[str, list[torch.Tensor]] = {}
         self.labels: list[torch.Tensor] = []
         self.map_sums = torch.zeros(2, 3, dtype=torch.float64)  # per map: count, sum, sum of squares
+        # Per position and channel: count, sum and sum of squares of the decoded stage's z' over normal images.
+        self.latent_sums: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def add(self, parts: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         for name, value in parts.items():
@@ -93,6 +95,10 @@ class CalibrationSet:
         for i, key in enumerate(("map_residual", "map_flow")):
             values = parts[key].detach()[normal.to(parts[key].device)].double().cpu()
             self.map_sums[i] += torch.stack([torch.tensor(values.numel()), values.sum(), values.pow(2).sum()])
+        if "latent" in parts and bool(normal.any()):
+            latent = parts["latent"].detach()[normal.to(parts["latent"].device)].double().cpu()
+            count, total, total_sq = self.latent_sums or (0, 0.0, 0.0)
+            self.latent_sums = (count + len(latent), total + latent.sum(0), total_sq + latent.pow(2).sum(0))
 
     def component(self, name: str) -> torch.Tensor:
         return torch.cat(self.scores[name]) if self.scores.get(name) else torch.empty(0, dtype=torch.float64)
@@ -136,7 +142,15 @@ class AEFlow(AnomalyModel):
       z(score_flow_nll) and z(score_flow_max), 1 - beta on z(score_recon). The weights are buffers: they travel
       with the run, and `blend_weight` says what was chosen.
     - `map_mode`: "residual" (paper: smoothed |x - x'|), "flow" (up-sampled per-position NLL of z', averaged over
-      the stages) or "fused" (mean of both after z-scoring each with the calibration statistics).
+      the stages), "fused" (mean of both after z-scoring each with the calibration statistics) or "position"
+      (default): the decoded stage's z' at each position (i, j) compared with the z' of NORMAL validation images at
+      that position, 0.5 * mean over channels of ((z'_cij - mu_cij) / sigma_cij)^2, up-sampled and smoothed. The
+      flow is convolutional and its prior N(0, I) the same at every position, so its own map cannot tell a
+      position where normal images always look unusual (a border, an organ's outline in aligned scans) from a
+      lesion; the per-position reference can, as PaDiM's per-position Gaussians do. Measured on the magnetic tile
+      (64 px, 3 seeds, the same trained models): pixel AUROC 0.632 with the residual map, 0.747 with this one
+      (docs/results/ablation_magnetic_tile.md). It changes the map only, not the image score, and fixes the
+      map's size to that of the calibration images (the run's image size).
     """
 
     def __init__(
@@ -154,7 +168,7 @@ class AEFlow(AnomalyModel):
         alpha: float = 0.5,
         beta: float = 0.9,
         score_mode: str = "validated",
-        map_mode: str = "residual",
+        map_mode: str = "position",
         feature_norm: str = "image",
         stages: tuple[int, ...] | list[int] = (16,),
         decoder: str = "transposed",
@@ -197,6 +211,10 @@ class AEFlow(AnomalyModel):
         self.register_buffer("blend_weight", self._fixed_blend())
         self.register_buffer("map_mean", torch.zeros(2))  # residual map, flow map
         self.register_buffer("map_std", torch.ones(2))
+        if map_mode == "position":
+            # C x h x w of the decoded stage, sized by the first calibration (empty until then).
+            self.register_buffer("position_mean", torch.empty(0))
+            self.register_buffer("position_std", torch.empty(0))
 
     # 1-3. Encoder, flow, decoder --------------------------------------------------------------------------
 
@@ -249,6 +267,7 @@ class AEFlow(AnomalyModel):
         map_residual / map_flow (B x H x W): smoothed |x - x'| averaged over channels / the per-position NLL of
             z' (mean over channels of -log N), up-sampled to the image, smoothed and averaged over the stages.
         reconstruction: x' itself, for the report's gallery.
+        latent: the decoded stage's z' (B x C x h x w), which calibration summarises per position ("position" map).
         """
         x = images.float()
         latents, x_rec = self.flow_and_reconstruction(x)
@@ -270,6 +289,7 @@ class AEFlow(AnomalyModel):
             "map_residual": gaussian_blur((x - x_rec).abs().mean(1), sigma),
             "map_flow": map_flow,
             "reconstruction": x_rec,
+            "latent": latents[-1][0],
         }
 
     def blend(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -282,23 +302,43 @@ class AEFlow(AnomalyModel):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = self.score_components(images)
-        needs_calibration = self.score_mode != "paper" or self.map_mode == "fused"
+        needs_calibration = self.score_mode != "paper" or self.map_mode in ("fused", "position")
         if needs_calibration and not bool(self.calibrated):
             raise ConfigError(
                 f"score_mode={self.score_mode!r} / map_mode={self.map_mode!r} need statistics of normal images: "
                 "call calibrate() with normal validation images first (training does this for you)"
             )
         score = self.blend(parts)
-        residual, flow = parts.pop("map_residual"), parts.pop("map_flow")
+        residual, flow, latent = parts.pop("map_residual"), parts.pop("map_flow"), parts.pop("latent")
         if self.map_mode == "residual":
             anomaly_map = residual
         elif self.map_mode == "flow":
             anomaly_map = flow
+        elif self.map_mode == "position":
+            anomaly_map = self._position_map(latent, images.shape[-2:])
         else:
             z_residual = (residual - self.map_mean[0]) / self.map_std[0]
             z_flow = (flow - self.map_mean[1]) / self.map_std[1]
             anomaly_map = 0.5 * (z_residual + z_flow)
         return {"pred_score": score, "anomaly_map": anomaly_map, **parts}
+
+    def _position_map(self, latent: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """0.5 * mean over channels of the squared z-score of z' against the normal images' z' at each position,
+        up-sampled to `size` and smoothed like the other maps."""
+        if latent.shape[1:] != self.position_mean.shape:
+            raise ConfigError(
+                f"map_mode='position' compares each position with the calibration images' latent map of shape "
+                f"{tuple(self.position_mean.shape)}, but these images give {tuple(latent.shape[1:])}: score images of "
+                f"the calibration size ({16 * self.position_mean.shape[-2]} x {16 * self.position_mean.shape[-1]} px)"
+            )
+        distance = 0.5 * ((latent.float() - self.position_mean) / self.position_std).pow(2).mean(1, keepdim=True)
+        distance = F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
+        return gaussian_blur(distance[:, 0], 4.0 * size[-1] / 256)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.map_mode == "position":
+            adopt_buffer_shapes(self, state_dict, prefix, ("position_mean", "position_std"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def calibration_set() -> CalibrationSet:
@@ -346,10 +386,25 @@ class AEFlow(AnomalyModel):
         mean = total / count
         self.map_mean.copy_(mean)
         self.map_std.copy_((total_sq / count - mean.pow(2)).clamp_min(1e-24).sqrt())
+        if self.map_mode == "position":
+            self._fit_positions(collected)
         self.blend_weight.copy_(self._fixed_blend())
         if self.score_mode == "validated" and min(int(normal.sum()), int((labels == 1).sum())) >= MIN_VALIDATION_PER_CLASS:
             self.blend_weight.copy_(_best_blend(standardized, labels == 1, self.blend_weight))
         self.calibrated.fill_(True)
+
+    def _fit_positions(self, collected: CalibrationSet) -> None:
+        """Mean and std of z' per position and channel over the normal images of `collected`. The std is floored
+        at 1e-3 (z' of normal images has unit scale by training), so that a position where every normal image
+        gives the same z' does not turn rounding noise into a large distance."""
+        if collected.latent_sums is None:
+            raise ConfigError("map_mode='position' needs the latent maps of normal images to calibrate on")
+        count, total, total_sq = collected.latent_sums
+        mean = total / count
+        std = ((total_sq - count * mean.pow(2)) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+        device = self.score_mean.device
+        self.position_mean = mean.float().to(device)
+        self.position_std = std.float().to(device)
 
     def _fixed_blend(self) -> torch.Tensor:
         """The blend when no labels choose one: "standardized", beta on z(score_flow_nll); "validated", beta split

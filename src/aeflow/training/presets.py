@@ -37,7 +37,7 @@ _PAPER_MODEL = {
 # aeflow's measured defaults (the model's own defaults, named so that presets stay what they were measured as):
 # docs/results/ablation_*.md.
 _MEASURED = {"feature_norm": "image", "score_mode": "validated", "stages": [16], "decoder": "transposed",
-             "map_mode": "residual"}
+             "map_mode": "position"}
 
 PRESETS: dict[str, dict] = {
     "paper": {
