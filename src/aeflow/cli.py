@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,19 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect data sets and layouts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+_default_formatwarning = warnings.formatwarning
+
+
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """aeflow's own warnings (e.g. a split without anomalies) as one line for the user, not a source location."""
+    if category.__module__.startswith("aeflow"):
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _plain_warning
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -67,6 +81,15 @@ def data_describe(
     with user_errors():
         splits = load_data(data, root, image_size=None, skip_bad=skip_bad, **parse_options(option))
     typer.echo(json.dumps(summarize(splits), indent=2, default=str) if as_json else describe(splits))
+
+
+@data_app.command("layouts")
+def data_layouts(layout: Optional[str] = typer.Argument(None, help="One layout, described in full.")):
+    """List the data layouts with their options (-o key=value) and defaults."""
+    from aeflow.data.layouts import describe_layouts
+
+    with user_errors():
+        typer.echo(describe_layouts(layout))
 
 
 RUNS = Path("runs")

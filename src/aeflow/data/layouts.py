@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import inspect
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,11 @@ from aeflow.errors import BadFileError, ConfigError, DataError
 
 NORMAL = "good"
 _LAYOUTS: dict[str, Callable] = {}
+log = logging.getLogger("aeflow.data")
+
+
+class SplitWarning(UserWarning):
+    """A validation or test split lacks normal or anomalous images: what that changes downstream is said."""
 
 
 @dataclass
@@ -98,9 +105,58 @@ def build_records(layout: str, root: str | Path | None, *, seed: int = 0, skip_b
                           f"and test); labelled_anomalies needs one of: medmnist, synthetic, chest_xray, oct2017, "
                           f"isic2018, folder (with train_abnormal_dirs)")
     labelled = pick_labelled(pool, labelled_anomalies, seed)
+    warn_about_splits(layout, root_path, val, test)
     records = SplitRecords(train, val, test, layout=layout, root=str(root_path) if root_path else None, seed=seed,
                            options={**{k: v for k, v in valid.items()}, **options}, labelled=labelled)
     return records, scan.skipped
+
+
+_CONSEQUENCES = {
+    ("validation", "normal"): "calibration and the validation loss then use held-out training images",
+    ("validation", "anomalous"): "the kept checkpoint is then chosen on the validation loss of normal images, "
+                                 "and `aeflow test` fits its threshold on normal images only (conformal_fpr) "
+                                 "instead of the F1-optimal one",
+    ("test", "normal"): "AUROC, AP, specificity and F1 need both classes: `aeflow test` cannot score this split",
+    ("test", "anomalous"): "AUROC, AP, sensitivity and F1 need both classes: `aeflow test` cannot score this split",
+}
+
+
+def warn_about_splits(layout: str, root: Path | None, val: Sequence[Record], test: Sequence[Record]) -> list[str]:
+    """Warn (SplitWarning, and in the log) for a validation or test split without normal or without anomalous
+    images, saying what that changes; returns the messages."""
+    where = f"{layout} data" + (f" at {root}" if root else "")
+    messages = []
+    for name, records in (("validation", val), ("test", test)):
+        labels = {r.label for r in records}
+        if not records:
+            messages.append(f"{where}: the {name} split is empty")
+            continue
+        for label, lacking in ((0, "normal"), (1, "anomalous")):
+            if label not in labels:
+                messages.append(f"{where}: the {name} split ({len(records)} images) holds no {lacking} images; "
+                                f"{_CONSEQUENCES[name, lacking]}")
+    for message in messages:
+        log.warning(message)
+        warnings.warn(message, SplitWarning, stacklevel=3)
+    return messages
+
+
+def describe_layouts(name: str | None = None, width: int = 80) -> str:
+    """Every layout (or the one named) with its options and their defaults, wrapped to `width` columns: the first
+    paragraph of each layout's docstring, or all of it for a named layout."""
+    import textwrap
+
+    blocks = []
+    for layout in [name] if name else available_layouts():
+        doc = inspect.getdoc(_get(layout)) or ""
+        paragraphs = doc.split("\n\n") if name else doc.split("\n\n")[:1]
+        text = [textwrap.fill(" ".join(p.split()), width, initial_indent="  ", subsequent_indent="  ")
+                for p in paragraphs]
+        options = ", ".join(f"{k}={v!r}" for k, v in layout_options(layout).items()) or "none"
+        text.append(textwrap.fill(f"options (-o key=value): {options}", width, initial_indent="  ",
+                                  subsequent_indent="    "))
+        blocks.append("\n".join([layout, *text]))
+    return "\n\n".join(blocks)
 
 
 def pick_labelled(pool: Sequence[Record], k: int, seed: int) -> list[Record]:
@@ -273,12 +329,26 @@ def _as_list(name: str, value) -> list[str]:
 # --- generic folders ------------------------------------------------------------------------------------------------
 
 
+FOLDER_SPLITS = ("auto", "carve", "given")
+_GIVEN_VAL_NAMES = ("val", "valid", "validation")
+
+
 @register("folder")
 def folder(root: Path | None, scan: Scan, *, normal_dirs=("normal",), abnormal_dirs=(), mask_dir=None,
            test_fraction: float = 0.2, val_fraction: float = 0.1, val_anomaly_fraction: float = 0.0,
-           recursive: bool = False, nifti_axis: int = 2, slice_range=None, train_abnormal_dirs=()):
-    """Generic layout: folders of normal images, folders of abnormal images, and an optional mask folder.
+           recursive: bool = False, nifti_axis: int = 2, slice_range=None, train_abnormal_dirs=(),
+           split: str = "auto"):
+    """Generic layout: folders of normal and abnormal images, either split already or split here by the seed.
 
+    split='given' reads a ready-made split as it is: root/train, root/val (or valid, validation) and root/test,
+    each holding class folders: those named in `normal_dirs` are normal, the others (or only those in
+    `abnormal_dirs`, when given) abnormal, with the folder's name as anomaly type. Nothing is reshuffled:
+    abnormal validation images stay in validation. Abnormal folders under train/ form the pool for
+    `labelled_anomalies`. Without a val folder, `val_fraction` of the training normals is held out (seeded).
+    test_fraction and val_anomaly_fraction do not apply. split='auto' (the default) means 'given' when root holds
+    train/ and test/ folders and no folder named in normal_dirs, else 'carve'.
+
+    split='carve': folders of normal images, folders of abnormal images, and an optional mask folder.
     Folders are relative to root (or absolute). Normal images are shuffled with the seed: `test_fraction`
     of them go to test, `val_fraction` of the rest to validation, the remainder to training. Abnormal images
     go to test, except `val_anomaly_fraction` of them (default 0: normal-only validation). An abnormal
@@ -294,15 +364,23 @@ def folder(root: Path | None, scan: Scan, *, normal_dirs=("normal",), abnormal_d
     test_fraction = _fraction("test_fraction", test_fraction)
     val_fraction = _fraction("val_fraction", val_fraction)
     val_anomaly_fraction = _fraction("val_anomaly_fraction", val_anomaly_fraction)
+    split = _choice("split", split, FOLDER_SPLITS)
     base = root if root is not None else Path.cwd()
     normal_list, abnormal_list = _as_list("normal_dirs", normal_dirs), _as_list("abnormal_dirs", abnormal_dirs)
     if not normal_list:
         raise ConfigError("option 'normal_dirs' must name at least one folder of normal images")
     masks = _mask_index(_folder(base / mask_dir) if mask_dir else None, ("{stem}", "{stem}_mask"))
 
-    def sources(name: str) -> list[str]:
+    def sources(name: str | Path) -> list[str]:
         files = _image_files(_folder(base / name), recursive=recursive)
         return scan.sources(files, axis=nifti_axis, slice_range=slice_range)
+
+    if split == "auto":
+        ready = (base / "train").is_dir() and (base / "test").is_dir()
+        split = "given" if ready and not any((base / d).is_dir() for d in normal_list) else "carve"
+    if split == "given":
+        return _given_split(base, scan, sources, normal_list, abnormal_list, masks, mask_dir is not None,
+                            val_fraction)
 
     normals = [Record(s, 0, NORMAL, empty_mask=mask_dir is not None) for d in normal_list for s in sources(d)]
     abnormals = [Record(s, 1, Path(d).name.lower(), mask=_mask_for(s, masks))
@@ -313,6 +391,37 @@ def folder(root: Path | None, scan: Scan, *, normal_dirs=("normal",), abnormal_d
     pool = [Record(s, 1, Path(d).name.lower(), mask=_mask_for(s, masks))
             for d in _as_list("train_abnormal_dirs", train_abnormal_dirs) for s in sources(d)]
     return train, val + val_abnormals, test_normals + test_abnormals, pool
+
+
+def _given_split(base: Path, scan: Scan, sources: Callable, normal_list: list[str], abnormal_list: list[str],
+                 masks: dict[str, str], has_masks: bool, val_fraction: float):
+    """The `folder` layout's split='given': train/, val/ and test/ read as they are (see `folder`)."""
+    normal_names = {Path(d).name for d in normal_list}
+
+    def classes(split_dir: Path) -> tuple[list[Record], list[Record]]:
+        normals, abnormals = [], []
+        folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for folder in folders:
+            if folder.name in normal_names:
+                normals += [Record(s, 0, NORMAL, empty_mask=has_masks) for s in sources(folder)]
+            elif not abnormal_list or folder.name in abnormal_list:
+                abnormals += [Record(s, 1, folder.name.lower(), mask=_mask_for(s, masks)) for s in sources(folder)]
+        if not normals and not abnormals:
+            raise DataError(f"{split_dir}: no class folders with images (normal: {', '.join(sorted(normal_names))}"
+                            f"{'; abnormal: ' + ', '.join(abnormal_list) if abnormal_list else ''})")
+        return normals, abnormals
+
+    train_normals, pool = classes(_folder(base / "train"))
+    if not train_normals:
+        raise DataError(f"{base / 'train'}: no normal images (folders named {', '.join(sorted(normal_names))})")
+    val_dir = next((base / name for name in _GIVEN_VAL_NAMES if (base / name).is_dir()), None)
+    if val_dir is None:
+        train, val = _carve(train_normals, val_fraction, scan.seed + 1)
+    else:
+        train, (val_normals, val_abnormals) = train_normals, classes(val_dir)
+        val = val_normals + val_abnormals
+    test_normals, test_abnormals = classes(_folder(base / "test"))
+    return train, val, test_normals + test_abnormals, pool
 
 
 # --- industrial inspection: MVTec AD, BTAD, MIIC ---------------------------------------------------------------------
