@@ -20,13 +20,17 @@ from aeflow.models import filter_bank  # noqa: E402,F401
 from aeflow.models import ganomaly  # noqa: E402,F401
 from aeflow.models import glow  # noqa: E402,F401
 from aeflow.models import knn  # noqa: E402,F401
+from aeflow.models import memseg  # noqa: E402,F401
 from aeflow.models import mnad  # noqa: E402,F401
 from aeflow.models import mspba  # noqa: E402,F401
 from aeflow.models import padim  # noqa: E402,F401
 from aeflow.models import patchcore  # noqa: E402,F401
 from aeflow.models import pni  # noqa: E402,F401
+from aeflow.models import saa  # noqa: E402,F401
 from aeflow.models import statistical  # noqa: E402,F401
 from aeflow.models import texture  # noqa: E402,F401
+from aeflow.models import uniad  # noqa: E402,F401
 from aeflow.models import vae  # noqa: E402,F401
+from aeflow.models import winclip  # noqa: E402,F401
 
 __all__ = ["AnomalyModel", "available_models", "create_model", "register"]
