@@ -17,7 +17,7 @@ Wandt, WACV 2022, arXiv:2110.02855).
   go through one cross-convolution block that returns (s, t) for the first halves of all scales,
   y_1 = x_1 * exp(c(s)) + t; then the y_1 of all scales give (s, t) for the x_2. c(s) = clamp * 0.636 * atan(s /
   clamp) is the soft clamp (paper: clamp 3).
-- The cross-convolution block (paper figure 3): per scale a conv -> leaky ReLU (slope 0.1) to `hidden_channels`,
+- The cross-convolution block: per scale a conv -> leaky ReLU (slope 0.1) to `hidden_channels`,
   then each scale's output is the sum of a conv of its own hidden map, a conv of the next coarser scale's hidden map
   up-sampled (nearest) to its size, and a stride-2 conv of the next finer scale's hidden map; each scale's sum is
   multiplied by a learned factor that starts at zero (so every coupling starts as the identity). Kernel 3 x 3;
@@ -29,8 +29,8 @@ Wandt, WACV 2022, arXiv:2110.02855).
   divided by its size. Anomaly map: the mean over channels of z^2 at each position of the FINEST scale (stride 4),
   up-sampled bilinearly to the image; the coarser scales take part in the score only.
 
-Other departures: no test-time augmentation, and the authors' image sizes, learning rate schedule (2e-4, 240
-epochs) and EfficientNet-B5 are replaced by the boards' settings; EfficientNet-B5 weights are not available offline.
+Other departures: the authors' image sizes, training length and EfficientNet-B5 are replaced by the boards'
+settings (EfficientNet-B5 weights are not available offline).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ used as an anomaly detector: the likelihood of the image itself, no pretrained f
 The flow maps an image x to latents z = f(x) with a tractable log-determinant, so that
 log p(x) = log p(z) + log|det df/dx|, and is trained by maximum likelihood on normal images.
 
-- Dequantisation (paper section 2.1 / Dinh et al. 2017): images are stored at a finite bit depth (2^n_bits levels,
+- Dequantisation (as in the paper, after Dinh et al. 2017): images are stored at a finite bit depth (2^n_bits levels,
   8 by default). During training uniform noise of one level's width is added, y = (x * (K - 1) + u) / K with
   u ~ U[0, 1) and K = 2^n_bits, which turns the discrete likelihood into a continuous one it bounds from below;
   at test time u = 1/2 (the level's centre), so scoring is deterministic. The flow sees y - 1/2.
@@ -206,7 +206,7 @@ class Glow(AnomalyModel):
                 raise ConfigError(f"glow {name} must be an integer >= {low}, got {value!r}")
         if n_bits > 16:
             raise ConfigError(f"glow n_bits must be <= 16, got {n_bits}")
-        self.in_channels, self.n_bits = in_channels, n_bits
+        self.n_bits = n_bits
         self.levels = nn.ModuleList()
         channels = in_channels
         for level in range(levels):
