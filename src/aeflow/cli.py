@@ -262,10 +262,14 @@ def _print_metrics(metrics: dict) -> None:
     keys = ["image_AUROC", "image_AP", "image_F1", "image_ACC", "image_SEN", "image_SPE", "pixel_AUROC",
             "pixel_AUPRO", "threshold_rule", "threshold"]
     keys += sorted(k for k in metrics if k.startswith("component/") and k.endswith("AUROC"))
+    keys += sorted(k for k in metrics if k.startswith("shortcut/") and k.endswith("_test_AUROC"))
+    keys += ["shortcut/best"]
     for key in keys:
         if key in metrics and metrics[key] is not None:
             value = metrics[key]
             typer.echo(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    if metrics.get("shortcut/warning"):
+        typer.secho(f"warning: {metrics['shortcut/warning']}", fg=typer.colors.YELLOW)
 
 
 @app.command()

@@ -1,5 +1,7 @@
 """`aeflow test`: score a trained run's validation and test splits, fix the threshold on validation data,
-and write threshold.json, metrics.json, metrics.csv and report.html into the run folder."""
+and write threshold.json, metrics.json, metrics.csv, scores.csv (per image) and report.html into the run folder.
+The shortcut audit (aeflow.evaluation.shortcuts) puts trivial image statistics beside the model in metrics.json
+(`shortcut/...`) and the report."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from aeflow.data import DataSplits, load_splits
 from aeflow.evaluation.metrics import evaluate, write_metrics
 from aeflow.evaluation.report import GalleryItem, collect_versions, pick_gallery, write_report
+from aeflow.evaluation.shortcuts import audit, dataset_statistics, flat_metrics
 from aeflow.evaluation.thresholds import Threshold, make_rule, save_threshold
 from aeflow.errors import ConfigError
 from aeflow.inference import Predictions, predict_dataset
@@ -90,6 +93,12 @@ def evaluate_run(
         masks=test.masks,
         has_mask=test.has_mask,
     )
+    shortcut = audit(dataset_statistics(splits.val), val.labels, dataset_statistics(splits.test), test.labels,
+                     metrics.get("image_AUROC"))
+    metrics.update(flat_metrics(shortcut))
+    for warning in shortcut["warnings"]:
+        log.warning(warning)
+    write_scores(run_dir / SCORES_FILE, {"val": val, "test": test})
     metrics["model"] = train_config["model"]
     metrics["backbone"] = config["model_config"].get("backbone", "")
     metrics["seed"] = train_config["seed"]
@@ -120,10 +129,34 @@ def evaluate_run(
         data_summary=_data_summary(records, val, test),
         versions=collect_versions(),
         timings=timings,
+        shortcut_audit=shortcut,
     )
     metrics["report"] = str(report)
     log.info("wrote %s", report)
     return metrics
+
+
+SCORES_FILE = "scores.csv"
+
+
+def write_scores(path: Path, splits: dict[str, Predictions]) -> Path:
+    """One row per scored image: split, path, label, anomaly type, score and score components (a paired
+    comparison of two runs on the same split joins their files on split and path)."""
+    import csv
+
+    components = sorted({k for p in splits.values() for k in p.components})
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "path", "label", "anomaly_type", "pred_score", *components])
+        for name, predictions in splits.items():
+            for i in range(len(predictions)):
+                writer.writerow([name, predictions.paths[i], int(predictions.labels[i]), predictions.anomaly_types[i],
+                                 repr(float(predictions.pred_score[i])),
+                                 *(repr(float(predictions.components[c][i])) if c in predictions.components else ""
+                                   for c in components)])
+    temporary.replace(path)
+    return path
 
 
 def _gallery_item(test: Predictions, i: int) -> GalleryItem:

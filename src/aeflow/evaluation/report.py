@@ -92,6 +92,7 @@ def write_report(
     data_summary: Mapping | None = None,
     versions: Mapping[str, str] | None = None,
     timings: Mapping[str, float] | None = None,
+    shortcut_audit: Mapping | None = None,
 ) -> Path:
     """Write `out_dir/report.html` and return its path.
 
@@ -101,6 +102,7 @@ def write_report(
     val_scores/val_labels: drawn as an outline in the histogram (the scores the threshold was fitted on).
     gallery: candidate items; up to `per_section` per section are chosen with `pick_gallery`.
     versions: defaults to `collect_versions()`.
+    shortcut_audit: aeflow.evaluation.shortcuts.audit's result: trivial statistics beside the model, with warnings.
     """
     if not isinstance(threshold, Threshold):
         raise EvaluationError(
@@ -133,6 +135,7 @@ def write_report(
         data_summary=data_summary or {},
         versions=versions or collect_versions(),
         timings=timings or {},
+        shortcut=_shortcut_table(shortcut_audit),
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,6 +298,8 @@ def _metric_tables(metrics: Mapping[str, object]) -> dict[str, tuple[list[str], 
     pivots: dict[str, dict[str, dict[str, str]]] = {"type/": {}, "component/": {}}
     for key, value in metrics.items():
         prefix = next((p for p in pivots if key.startswith(p)), None)
+        if key.startswith("shortcut/"):
+            continue  # a section of its own (shortcut_audit)
         if prefix is not None:
             name, metric = key.removeprefix(prefix).rsplit("/", 1)
             pivots[prefix].setdefault(name, {})[metric] = _fmt(value)
@@ -309,6 +314,22 @@ def _metric_tables(metrics: Mapping[str, object]) -> dict[str, tuple[list[str], 
             rows = [[name] + [row.get(m, "") for m in columns] for name, row in pivots[prefix].items()]
             tables[title] = ([first] + columns, rows)
     return tables
+
+
+def _shortcut_table(result: Mapping | None) -> dict | None:
+    """The audit as a table for the template: the model first, then each statistic."""
+    if not result:
+        return None
+
+    def auroc(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    rows = [["the model", "its anomaly score", "", auroc(result.get("model_test_AUROC"))]]
+    for name, entry in result["statistics"].items():
+        mark = " (best on validation)" if name == result.get("best") else ""
+        rows.append([name + mark, entry["direction"], auroc(entry["val_AUROC"]), auroc(entry["test_AUROC"])])
+    return {"mode": result["mode"], "rows": rows, "warnings": list(result["warnings"]),
+            "skipped": ", ".join(result["skipped"]), "margin": result["margin"]}
 
 
 def _fmt(value) -> str:

@@ -1,0 +1,106 @@
+"""The shortcut audit: trivial image statistics scored on the model's split, oriented and chosen on validation
+only, with a warning when one comes within the margin of the model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from aeflow.evaluation.shortcuts import MARGIN, audit, flat_metrics, image_statistics
+
+
+def _stats(rng, labels, *, contrast_shift, mean_shift):
+    """Images whose contrast falls with the label (pneumonia-like) and whose mean rises with it."""
+    images = []
+    for label in labels:
+        std = 0.2 - contrast_shift * label + rng.normal(0, 0.02)
+        mean = 0.4 + mean_shift * label + rng.normal(0, 0.02)
+        images.append(np.clip(rng.normal(mean, max(std, 0.01), size=(1, 16, 16)), 0, 1))
+    return image_statistics(images, [(16, 16)] * len(labels), ["/nonexistent.npz#split=train,index=0"] * len(labels))
+
+
+@pytest.fixture
+def labelled():
+    rng = np.random.default_rng(0)
+    val_labels, test_labels = np.repeat([0, 1], 40), np.repeat([0, 1], 60)
+    # on validation contrast separates best; on test the mean would: the best must still be contrast
+    val = _stats(rng, val_labels, contrast_shift=0.08, mean_shift=0.01)
+    test = _stats(rng, test_labels, contrast_shift=0.02, mean_shift=0.05)
+    return val, val_labels, test, test_labels
+
+
+def test_directions_and_the_best_statistic_are_chosen_on_validation(labelled):
+    val, val_labels, test, test_labels = labelled
+    result = audit(val, val_labels, test, test_labels, model_test_auroc=0.99)
+    assert result["statistics"]["contrast"]["direction"] == "lower = anomalous"
+    assert result["statistics"]["mean"]["direction"] == "higher = anomalous"
+    assert result["best"] == "contrast"
+    assert result["statistics"]["mean"]["test_AUROC"] > result["statistics"]["contrast"]["test_AUROC"]
+    assert result["best_test_AUROC"] == pytest.approx(roc_auc_score(test_labels, -test["contrast"]))
+    assert {"aspect_ratio", "file_size"} <= set(result["skipped"])  # constant / unknown: left out
+    assert result["warnings"] == []
+    # the test labels never choose anything: flipped, the directions and the best stay
+    flipped = audit(val, val_labels, test, 1 - test_labels, model_test_auroc=0.99)
+    assert flipped["best"] == "contrast" and all(
+        flipped["statistics"][n]["direction"] == result["statistics"][n]["direction"] for n in result["statistics"])
+    assert flipped["best_test_AUROC"] == pytest.approx(1 - result["best_test_AUROC"])
+
+
+def test_a_model_no_better_than_the_best_statistic_is_warned_about(labelled):
+    val, val_labels, test, test_labels = labelled
+    best = audit(val, val_labels, test, test_labels, None)["best_test_AUROC"]
+    for model, warned in ((best + 2 * MARGIN, False), (best + MARGIN / 2, True), (best - 0.1, True)):
+        result = audit(val, val_labels, test, test_labels, model_test_auroc=model)
+        assert bool(result["warnings"]) is warned, (model, result["warnings"])
+    assert "contrast (the best on validation) alone ranks the test split" in result["warnings"][0]
+    flat = flat_metrics(result)
+    assert flat["shortcut/best"] == "contrast" and flat["shortcut/contrast_test_AUROC"] == pytest.approx(best)
+    assert "shortcut" in flat["shortcut/warning"]
+
+
+def test_normal_only_validation_uses_the_label_free_deviation_and_warns_for_any_statistic():
+    rng = np.random.default_rng(1)
+    val_labels, test_labels = np.zeros(40, int), np.repeat([0, 1], 50)
+    val = _stats(rng, val_labels, contrast_shift=0.08, mean_shift=0.0)
+    test = _stats(rng, test_labels, contrast_shift=0.08, mean_shift=0.0)
+    result = audit(val, val_labels, test, test_labels, model_test_auroc=0.6)
+    assert result["best"] is None and result["mode"].startswith("deviation")
+    centre = np.median(val["contrast"])
+    spread = np.median(np.abs(val["contrast"] - centre))
+    expected = roc_auc_score(test_labels, np.abs(test["contrast"] - centre) / spread)
+    assert result["statistics"]["contrast"]["test_AUROC"] == pytest.approx(expected) and expected > 0.9
+    assert any("contrast alone" in w for w in result["warnings"])
+
+
+def test_aeflow_test_writes_the_audit_and_per_image_scores(tmp_path):
+    from aeflow.data import DataSplits, load_splits
+    from aeflow.evaluation.assess import evaluate_run
+    from aeflow.evaluation.shortcuts import dataset_statistics
+    from aeflow.training import train
+
+    run = train({"model": "aeflow", "model_kwargs": {"backbone": "resnet18", "pretrained": False, "flow_steps": 2,
+                                                     "subnet": "conv", "decoder_widths": [32, 16, 8]},
+                 "data": {"layout": "synthetic", "n_train": 16, "n_val": 12, "n_test": 12}, "image_size": 64,
+                 "batch_size": 8, "max_epochs": 1, "progress_bar": False, "accelerator": "cpu"}, tmp_path / "run")
+    metrics = evaluate_run(run, device="cpu")
+    stored = json.loads((run / "metrics.json").read_text())
+    assert stored["shortcut/best"] in ("mean", "contrast", "dark_fraction")
+    # the audit's number is the statistic's AUROC on this run's own test split, in the direction validation chose
+    splits = DataSplits.from_records(load_splits(run), image_size=64, channels=1, validate=False)
+    test_stats, val_stats = dataset_statistics(splits.test), dataset_statistics(splits.val)
+    val_auroc = roc_auc_score(splits.val.labels, val_stats["contrast"])
+    sign = 1 if val_auroc >= 0.5 else -1
+    assert stored["shortcut/contrast_test_AUROC"] == pytest.approx(
+        roc_auc_score(splits.test.labels, sign * test_stats["contrast"]))
+    report = (run / "report.html").read_text()
+    assert "Shortcut audit" in report and "the model" in report
+    with open(run / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["split"] for r in rows].count("test") == 12 and [r["split"] for r in rows].count("val") == 12
+    test_scores = [float(r["pred_score"]) for r in rows if r["split"] == "test"]
+    labels = [int(r["label"]) for r in rows if r["split"] == "test"]
+    assert roc_auc_score(labels, test_scores) == pytest.approx(metrics["image_AUROC"])
