@@ -192,9 +192,10 @@ def test_ddad_forward_noising_matches_the_closed_form():
     torch.testing.assert_close(scale, alpha_bar[t].sqrt())
     torch.testing.assert_close(variance, 1 - alpha_bar[t])
 
-    # Samples of the chain and of q_sample agree with those moments (40k draws: standard errors ~0.004).
+    # Samples of the chain and of q_sample agree with those moments (20k draws: standard errors ~0.005, so the
+    # tolerance 0.02 is 4 of them).
     g = torch.Generator().manual_seed(0)
-    x0 = torch.tensor([-1.0, -0.2, 0.5, 1.0], dtype=torch.float64).view(1, 1, 2, 2).expand(40_000, 1, 2, 2)
+    x0 = torch.tensor([-1.0, -0.2, 0.5, 1.0], dtype=torch.float64).view(1, 1, 2, 2).expand(20_000, 1, 2, 2)
     chain = x0.clone()
     for beta in betas[:t]:
         chain = (1 - beta).sqrt() * chain + beta.sqrt() * torch.randn(chain.shape, generator=g, dtype=torch.float64)

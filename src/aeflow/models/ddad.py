@@ -24,8 +24,8 @@ Read top to bottom like the paper's method section:
 Departures from the paper, and why:
 
 - Sizes: a small U-Net (`widths`, residual blocks with a sinusoidal time embedding, no attention) instead of the
-  paper's large guided-diffusion U-Net, and few test steps (`test_steps`, default 5; the paper uses ~10 DDIM steps
-  from t = 250), so that training and scoring run on a CPU at 32-64 px.
+  paper's large guided-diffusion U-Net, and few test steps (`test_steps`, default 5, from test_t = 250), so that
+  training and scoring run on a CPU at 32-64 px.
 - `train_t_max` (default None: all T steps, as the paper) lets training draw t only up to that step; scoring
   never visits steps above test_t, so on a CPU budget train_t_max = test_t spends every training step where the
   test trajectory goes (the model is then only a denoiser up to train_t_max, not a generator from pure noise).
