@@ -101,7 +101,7 @@ def main() -> None:
     print(f"machine: {machine()}; os.cpu_count() = {os.cpu_count()}")
     print(f"{args.images} files ({scored} scored, {args.images - scored} unreadable), {args.size} px PNG, "
           f"batch {args.batch_size}; Ray instance start-up {ray_start:.1f} s (not in the table)\n")
-    print("| engine | replicas | seconds | images / s |")
+    print("| engine | replicas | seconds | files / s |")
     print("|---|---|---|---|")
     for engine, count, seconds in table:
         print(f"| {engine} | {count} | {seconds:.1f} | {args.images / seconds:.1f} |")

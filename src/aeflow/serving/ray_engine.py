@@ -1,8 +1,11 @@
 """Score a large archive on a Ray cluster: `aeflow predict --engine ray [--address ...] [--workers N]`.
 
-The driver (the `aeflow predict` process) lists the inputs as `predict_paths` does, makes them a Ray dataset of
-(position, source) rows, and maps it in batches over a pool of `workers` model replicas (`map_batches` with the
-callable class `_Scorer`: each replica loads the run once). A replica decodes its batch's files, scores them and
+The driver (the `aeflow predict` process) lists the inputs as `predict_paths` does, makes them a Ray dataset whose
+rows are the local engine's batches (the positions and sources of `batch_size` consecutive images), and maps it
+over a pool of `workers` model replicas (`map_batches` with the callable class `_Scorer`: each replica loads the
+run once). One row per batch, rather than one per image left to Ray to batch, keeps every forward pass over the
+same images as the local engine's: float32 results depend slightly on what else is in the batch, and a score of
+magnitude 1000 printed with 8 digits shows a difference of 1e-4. A replica decodes its batch's files, scores them and
 renders the overlays with the same code as the local engine (aeflow.serving.predict.decode / score_items); the
 rows and overlay PNGs come back to the driver, which writes predictions.csv, skipped.csv and overlays/ exactly as
 the local engine does, in the same order (Ray Data keeps the order here), flushed batch by batch.
@@ -29,16 +32,18 @@ _FIELDS = ("position", "path", "slice", "pred_score", "pred_label", "overlay", "
 
 
 class _Scorer:
-    """One model replica: loads the run once, then scores batches of {"position", "source"} columns."""
+    """One model replica: loads the run once, then scores rows of {"positions", "sources"} (one batch each)."""
 
     def __init__(self, run_dir: str, device: str, threshold_rule: str | None, overlays: bool):
         self.run = LoadedRun(run_dir, device=device, threshold_rule=threshold_rule)
         self.overlays = overlays
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dataset = self.run.dataset([str(source) for source in batch["source"]])
-        items = [(int(position), decode(dataset, i)) for i, position in enumerate(batch["position"])]
-        outcomes = score_items(self.run, items, self.overlays)
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outcomes = []
+        for positions, sources in zip(rows["positions"], rows["sources"]):
+            dataset = self.run.dataset([str(source) for source in sources])
+            items = [(int(position), decode(dataset, i)) for i, position in enumerate(positions)]
+            outcomes += score_items(self.run, items, self.overlays)
         columns = {name: [getattr(o, name) for o in outcomes] for name in _FIELDS}
         return {name: np.array(values, dtype=object if name in ("png",) else None)
                 for name, values in columns.items()}
@@ -63,11 +68,13 @@ def scored_batches(run_dir: str | Path, items: Sequence[tuple[int, str]], *, bat
         context.execution_options.preserve_order = True
         context.enable_progress_bars = progress
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        dataset = ray.data.from_items([{"position": p, "source": s} for p, s in items])
+        chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+        dataset = ray.data.from_items([{"positions": [p for p, _ in chunk], "sources": [s for _, s in chunk]}
+                                       for chunk in chunks])
         scored = dataset.map_batches(
             _Scorer, fn_constructor_kwargs={"run_dir": str(Path(run_dir).resolve()), "device": device,
                                             "threshold_rule": threshold_rule, "overlays": overlays},
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+            batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
             num_gpus=1 if device.startswith("cuda") else 0, batch_format="numpy")
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             yield [Outcome(**{name: _plain(batch[name][i]) for name in _FIELDS}) for i in range(len(batch["position"]))]

@@ -10,6 +10,8 @@ Lightning runs the training loop and DDP (`aeflow.training.run`); this module ho
   starts (under `ddp_spawn` the ranks exist only then). Global batch k of W ranks with per-rank batch B holds the
   same images as batch k of one process with batch W * B: what makes a DDP run comparable to one process.
 - `WholeSplitSampler`: every index on every rank (validation is not sharded: see `aeflow.training.module`).
+- `shard_batches`: one rank's share of an epoch's batches (aeflow.training.sampler.LabelledBatchSampler).
+
 The memory-bank models fit on shards with torch.distributed themselves (PaDiM all-reduces its sums, PatchCore
 gathers per-rank coresets) when a process group exists; `aeflow.training.run` starts one for them under "ddp".
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
