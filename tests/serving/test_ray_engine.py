@@ -89,3 +89,18 @@ def test_unknown_engine_is_refused_before_anything_is_written(run_dir, archive, 
     with pytest.raises(ConfigError, match="engine"):
         predict_paths(run_dir, [archive], tmp_path / "out", progress=False, engine="spark")
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_verb_takes_the_engine_options(run_dir, archive, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from aeflow.serving.commands import register
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    register(app)
+    help_text = CliRunner().invoke(app, ["predict", "--help"]).output
+    assert "--engine" in help_text and "--address" in help_text and "--workers" in help_text
+    result = CliRunner().invoke(app, ["predict", "--run", str(run_dir), str(archive / "scan00.png"), "--out",
+                                      str(tmp_path / "out"), "--engine", "spark"])
+    assert result.exit_code == 2 and "engine must be one of" in result.output and "Traceback" not in result.output
