@@ -13,7 +13,7 @@ A run folder holds everything needed to use and to repeat the run:
     model.safetensors      the best weights plus the score calibration, what `load_run` reads
     selection.json         what was chosen on validation data: the criterion, the kept epoch and its value, and
                            the score blend weights of models that fit them (AE-FLOW)
-    curves/metrics.csv     training curves (lightning's CSVLogger)
+    curves/metrics.csv     training curves (lightning's CSVLogger); tensorboard/ or mlruns/ with --logger
     train.log              what happened, in words
 
 Several processes (DDP through lightning: `strategy`, `devices`, `num_nodes`; launched by lightning itself, by
@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
@@ -52,6 +53,7 @@ from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, create_mo
 from aeflow.training.checkpoint import (SafeCheckpointIO, load_checkpoint, model_state, newest_valid_checkpoint,
                                        save_checkpoint)
 from aeflow.training.distributed import STRATEGIES, ShardSampler, WholeSplitSampler, launched_rank
+from aeflow.training.console import EpochLines, NarrowProgressBar, show_progress_bar
 from aeflow.training.module import AnomalyModule
 from aeflow.training.presets import preset
 from aeflow.training.sampler import LabelledBatchSampler
@@ -61,6 +63,9 @@ log = logging.getLogger("aeflow.training")
 CONFIG_FILE = "config.json"
 SELECTION_FILE = "selection.json"
 SELECT_ON = ("auto", "val_loss")
+#: Experiment loggers besides the CSV curves every run keeps (curves/metrics.csv): TensorBoard event files in
+#: tensorboard/, or an MLflow file store in mlruns/ (both local, offline).
+LOGGERS = ("csv", "tensorboard", "mlflow")
 MODEL_FILE = "model.safetensors"
 # Settings a resumed run may change: they say how to run, not what is trained.
 RESUMABLE_CHANGES = {"max_epochs", "patience", "progress_bar", "num_workers", "accelerator", "devices", "strategy",
@@ -90,6 +95,8 @@ class TrainConfig:
         several processes, each on its share of every epoch (aeflow.training.distributed.ShardSampler) with
         `batch_size` images per step. With strategy "auto", devices "auto" means ONE device: more than one
         process only when asked. Memory-bank models (PaDiM, PatchCore) fit on shards under "ddp".
+    logger: "csv" (curves/metrics.csv only), "tensorboard" (also tensorboard/) or "mlflow" (also mlruns/, a local
+        file store); the CSV curves are written in every case.
     """
 
     model: str = "aeflow"
@@ -113,6 +120,7 @@ class TrainConfig:
     preset: str | None = None
     labelled_anomalies: int = 0
     select_on: str = "auto"
+    logger: str = "csv"
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -150,6 +158,8 @@ class TrainConfig:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
             raise ConfigError(f"num_nodes must be an integer >= 1, got {self.num_nodes!r}")
+        if self.logger not in LOGGERS:
+            raise ConfigError(f"logger must be one of {', '.join(LOGGERS)}, got {self.logger!r}")
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if "labelled_anomalies" in self.data:
@@ -174,10 +184,14 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
     if resume:
         config = _resumed_config(run_dir, config)
     elif writer and ((run_dir / CONFIG_FILE).exists() or last_checkpoint.exists()):
-        raise ConfigError(f"{run_dir} already holds a run: pass resume=True to continue it, or choose a new folder")
+        raise ConfigError(f"{run_dir} already holds a run: continue it with --resume (resume=True in Python), or "
+                          f"choose a new name (--name) or folder")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    with _log_to(run_dir / "train.log") if writer else contextlib.nullcontext():
+    # A start that fails before config.json is written (bad data, a bad model option) removes the folder it made:
+    # it would hold only train.log, and a later run of the same name would then be refused as "already a run".
+    with _log_to(run_dir / "train.log", discard=created) if writer else contextlib.nullcontext():
         L.seed_everything(config.seed, workers=True, verbose=False)
         if data is None:
             data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed,
@@ -375,8 +389,11 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
     callbacks: list[L.Callback] = [checkpoints, last, _EpochLog()]
     if config.patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=config.patience))
+    bar = config.progress_bar and show_progress_bar()  # a redrawn bar only on a terminal; lines always
     if config.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(EpochLines())
+    if bar:
+        callbacks.append(NarrowProgressBar())
     devices = 1 if config.devices == "auto" and not config.multiprocess else config.devices
     trainer = L.Trainer(
         max_epochs=config.max_epochs,
@@ -389,10 +406,10 @@ def _trainer(config: TrainConfig, run_dir: Path, steps_per_epoch: int, monitor: 
         # torch's SyncBatchNorm runs on GPUs only; on CPUs each rank normalises with its own batch's statistics.
         sync_batchnorm=config.multiprocess and config.accelerator != "cpu" and torch.cuda.is_available(),
         precision=config.precision,
-        logger=CSVLogger(run_dir, name="", version="curves"),
+        logger=_loggers(config, run_dir),
         callbacks=callbacks,
         plugins=[SafeCheckpointIO()],
-        enable_progress_bar=config.progress_bar,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         log_every_n_steps=max(1, min(50, steps_per_epoch)),
         default_root_dir=run_dir,
@@ -432,6 +449,29 @@ def _fit_processes(config: TrainConfig) -> Iterator[int]:
     log.info("fitting on %d processes, this one rank %d", fabric.world_size, fabric.global_rank)
     yield fabric.global_rank
     fabric.barrier()
+
+
+def _loggers(config: TrainConfig, run_dir: Path) -> list:
+    """The CSV curves always (reports and resume read them), plus the experiment logger asked for."""
+    loggers: list = [CSVLogger(run_dir, name="", version="curves")]
+    if config.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        try:
+            loggers.append(TensorBoardLogger(run_dir, name="", version="tensorboard", default_hp_metric=False))
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"--logger tensorboard needs the tensorboard package ({exc}): "
+                              f"pip install 'aeflow[loggers]' or pip install tensorboard") from None
+    elif config.logger == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        try:
+            loggers.append(MLFlowLogger(experiment_name="aeflow", run_name=run_dir.name,
+                                        tracking_uri=(run_dir / "mlruns").resolve().as_uri()))
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"--logger mlflow needs the mlflow package ({exc}): pip install mlflow-skinny "
+                              f"(it logs to a local file store, run_dir/mlruns)") from None
+    return loggers
 
 
 class _Curves:
@@ -569,9 +609,11 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 class _log_to:
-    """Copy aeflow's and lightning's log records into `path` while training runs."""
+    """Copy aeflow's and lightning's log records into `path` while training runs; with `discard`, a failure before
+    the run's config.json exists removes the folder of `path` (the caller made it)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, discard: bool = False):
+        self.path, self.discard = path, discard
         self.handler = logging.FileHandler(path)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.loggers = [logging.getLogger("aeflow"), logging.getLogger("lightning.pytorch")]
@@ -590,3 +632,5 @@ class _log_to:
             logger.removeHandler(self.handler)
             logger.setLevel(level)
         self.handler.close()
+        if exc_info[0] is not None and self.discard and not (self.path.parent / CONFIG_FILE).exists():
+            shutil.rmtree(self.path.parent, ignore_errors=True)
