@@ -172,6 +172,16 @@ def run_one(config: dict, run_dir: str, threshold: dict, threads: int) -> dict:
     return {**record, "image_AUROC": metrics["image_AUROC"]}
 
 
+def split_lists_sha256(run_dir: str | Path) -> str:
+    """sha256 of a run's split file lists and data checksums (splits.json without the seed, root and options):
+    equal lists give equal hashes, whatever seed or folder produced them."""
+    from aeflow.data.records import SPLITS_FILE
+
+    document = json.loads((Path(run_dir) / SPLITS_FILE).read_text())
+    lists = {"splits": document["splits"], "checksums": document["checksums"]}
+    return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
+
+
 def write_leaderboard(out_dir: str | Path, names: list[str], seeds: list[int], *, isolated: bool = True) -> dict:
     """Aggregate the finished runs `out_dir/<name>-s<seed>` into leaderboard.{md,csv,html,json}; returns the
     JSON document (rows sorted by mean image AUROC, best first)."""
@@ -181,8 +191,8 @@ def write_leaderboard(out_dir: str | Path, names: list[str], seeds: list[int], *
     runs = {name: [_read_run(out_dir / f"{name}-s{seed}") for seed in seeds] for name in names}
     rows, digests, setups = [], {}, {}
     for name, model_runs in runs.items():
-        for seed, (_, record, _) in zip(seeds, model_runs):
-            digests.setdefault(str(seed), {})[name] = record["splits_sha256"]
+        for seed in seeds:
+            digests.setdefault(str(seed), {})[name] = split_lists_sha256(out_dir / f"{name}-s{seed}")
         _, first_record, first_config = model_runs[0]
         stats = aggregate([{**metrics, **record} for metrics, record, _ in model_runs])
         rows.append({"model": name, "backbone": first_record["backbone"] or "none",
@@ -239,8 +249,10 @@ def benchmark_command(
         [], "--model-option", "-m",
         help="MODEL.key=value (repeatable): a constructor argument of that model (padim.backbone=efficientnet_lite0) "
              "or a training option for it (aeflow.preset=chest_xray, draem.max_epochs=5)."),
-    rule: Optional[str] = typer.Option(None, "--threshold-rule", help="f1_optimal, target_sensitivity or "
-                                                                      "conformal_fpr (default: as `aeflow test`)."),
+    intensity: Optional[str] = typer.Option(None, "--intensity", help="Intensity rule for every model, as in "
+                                            "`aeflow train --intensity` (default: the layout's auto rule)."),
+    rule: Optional[str] = typer.Option(None, "--threshold-rule", help="fpr:ALPHA, f1 or sensitivity:T (long names "
+                                                                      "too; default: as `aeflow test`)."),
     rule_option: list[str] = typer.Option([], "--threshold-option", help="Rule parameter as key=value."),
     out: Path = typer.Option(Path("runs/leaderboard"), "--out", help="Folder for the run folders and leaderboard."),
     isolate: bool = typer.Option(True, "--isolate/--in-process", help="One process per run (honest peak memory) "
@@ -256,6 +268,11 @@ def benchmark_command(
         raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
     specs = _model_specs(names, parse_options(model_option))
     data_options = {"layout": data, "root": str(root) if root else None, **parse_options(option)}
+    if intensity is not None:  # only when given, so that finished runs without it are still reused
+        from aeflow.data.intensity import parse_intensity
+
+        with user_errors():
+            data_options["intensity"] = str(parse_intensity(intensity))
     handler = logging.StreamHandler()
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -385,10 +402,14 @@ def _notes(document: dict) -> list[str]:
     data = {k: v for k, v in document["data"].items() if v is not None}
     same = document["same_split_per_seed"]
     split_lines = [
-        f"seed {seed}: splits.json sha256 {next(iter(digests.values()))[:16]} for all {len(digests)} models"
+        f"seed {seed}: file lists sha256 {next(iter(digests.values()))[:16]} for all {len(digests)} models"
         if same[seed] else f"seed {seed}: THE SPLITS DIFFER between models: {digests}"
         for seed, digests in document["splits_sha256"].items()
     ]
+    every_seed = {d for digests in document["splits_sha256"].values() for d in digests.values()}
+    if len(every_seed) == 1 and len(split_lines) > 1:
+        split_lines = [f"file lists sha256 {every_seed.pop()[:16]} for every seed and model (the layout's own "
+                       f"split; the seed changes the training only)"]
     return [
         f"Data: {json.dumps(data)}; {document['image_size']} px, {document['channels']} channel(s); test set "
         f"{document['n_test_normal']} normal / {document['n_test_anomalous']} anomalous images.",

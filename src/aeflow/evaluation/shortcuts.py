@@ -110,12 +110,13 @@ def audit(val_stats: dict[str, np.ndarray], val_labels: np.ndarray, test_stats: 
         for name in candidates:
             stat = found[name]["test_AUROC"]
             if stat is not None and model_test_auroc - stat < MARGIN:
-                relation = "above" if stat > model_test_auroc else "within {:.2f} of".format(MARGIN)
                 chosen = " (the best on validation)" if labelled else ""
-                result["warnings"].append(
-                    f"shortcut: the image's {name}{chosen} alone ranks the test split at AUROC {stat:.3f}, "
-                    f"{relation} the model's {model_test_auroc:.3f}: the model is no better than this trivial "
-                    f"statistic here")
+                verdict = ("above the model's {:.3f}: the model ranks worse than this trivial statistic"
+                           if stat > model_test_auroc else
+                           "within {margin:.2f} of the model's {:.3f}: the model does not beat this trivial statistic "
+                           "by a clear margin").format(model_test_auroc, margin=MARGIN)
+                result["warnings"].append(f"shortcut: the image's {name}{chosen} alone ranks the test split at "
+                                          f"AUROC {stat:.3f}, {verdict}")
     return result
 
 
