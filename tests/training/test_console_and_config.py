@@ -134,3 +134,13 @@ def test_tensorboard_logger_writes_event_files_beside_the_csv_curves(tmp_path):
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
     assert first_epoch_loss(tmp_path / "tb") > 0
     assert json.loads((tmp_path / "tb" / "config.json").read_text())["train"]["logger"] == "tensorboard"
+
+
+def test_a_logger_whose_package_is_missing_is_refused_before_anything_is_written(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow"):
+        pytest.skip("mlflow is installed here")
+    result = invoke("--logger", "mlflow", "--runs", str(tmp_path), "--name", "m")
+    assert result.exit_code == 2 and "pip install mlflow-skinny" in result.output, result.output
+    assert not (tmp_path / "m").exists()

@@ -160,6 +160,7 @@ class TrainConfig:
             raise ConfigError(f"num_nodes must be an integer >= 1, got {self.num_nodes!r}")
         if self.logger not in LOGGERS:
             raise ConfigError(f"logger must be one of {', '.join(LOGGERS)}, got {self.logger!r}")
+        _check_logger_installed(self.logger)
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if "labelled_anomalies" in self.data:
@@ -449,6 +450,17 @@ def _fit_processes(config: TrainConfig) -> Iterator[int]:
     log.info("fitting on %d processes, this one rank %d", fabric.world_size, fabric.global_rank)
     yield fabric.global_rank
     fabric.barrier()
+
+
+def _check_logger_installed(logger: str) -> None:
+    """Refuse a logger whose package is missing before anything is read or written (ConfigError saying how)."""
+    import importlib.util
+
+    needs = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install 'aeflow[loggers]' (tensorboard)"),
+             "mlflow": (("mlflow",), "pip install mlflow-skinny (it logs to a local file store, <run>/mlruns)")}
+    if logger in needs and not any(importlib.util.find_spec(name) for name in needs[logger][0]):
+        raise ConfigError(f"--logger {logger} needs the {needs[logger][0][0]} package, which is not installed: "
+                          f"{needs[logger][1]}; or use --logger csv")
 
 
 def _loggers(config: TrainConfig, run_dir: Path) -> list:
