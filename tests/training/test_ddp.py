@@ -52,6 +52,11 @@ MEMORY_BANK = {
 }
 
 
+# 14 normals and 3 labelled anomalies, batch 4 per process: 5 batches of 3 normals + 1 anomaly per epoch.
+SEMI_SUPERVISED = {**TINY_AEFLOW, "model": "aeflow_gmm", "labelled_anomalies": 3, "batch_size": 4, "devices": 2,
+                   "max_epochs": 1, "data": {"layout": "synthetic", "n_train": 14, "n_val": 8, "n_test": 4}}
+
+
 def torchrun(processes: int, runs: list, folder: Path) -> None:
     """Train `runs` ([config, run folder, resume] each, in turn) in `processes` processes started by torchrun."""
     (folder / "worker.py").write_text(WORKER)
@@ -77,8 +82,8 @@ def files(run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """One torchrun launch of 2 processes: AE-FLOW (batch 4 per process) for 2 epochs then resumed to 3, PaDiM and
-    PatchCore; one of 1 process: AE-FLOW with batch 8, 3 epochs uninterrupted."""
+    """One torchrun launch of 2 processes: AE-FLOW (batch 4 per process) for 2 epochs then resumed to 3, PaDiM,
+    PatchCore and semi-supervised AE-FLOW-GMM; one of 1 process: AE-FLOW with batch 8, 3 epochs uninterrupted."""
     folder = tmp_path_factory.mktemp("ddp")
     two = {**TINY_AEFLOW, "batch_size": 4, "devices": 2}
     memory_bank = {**MEMORY_BANK, "strategy": "ddp", "devices": 2}
@@ -88,7 +93,8 @@ def ddp_runs(tmp_path_factory):
                   str(folder / "padim-2"), False],
                  [{**memory_bank, "model": "patchcore",
                    "model_kwargs": {**MEMORY_BANK["model_kwargs"], "coreset_ratio": 0.1}},
-                  str(folder / "patchcore-2"), False]], folder)
+                  str(folder / "patchcore-2"), False],
+                 [SEMI_SUPERVISED, str(folder / "gmm-2"), False]], folder)
     torchrun(1, [[{**TINY_AEFLOW, "batch_size": 8, "devices": 1}, str(folder / "aeflow-1"), False]], folder)
     return folder
 
@@ -172,6 +178,16 @@ def test_patchcore_merges_the_coresets_of_both_ranks(ddp_runs):
     image = nearest.indices // per_image
     first, second = image[:sizes[0]], image[sizes[0]:]
     assert set(first.tolist()) <= set(shards[0]) and set(second.tolist()) <= set(shards[1])  # ...of its rank's shard
+
+
+@pytest.mark.slow
+def test_labelled_batches_are_shared_out_over_two_processes(ddp_runs):
+    """The 5 mixed batches of an epoch are dealt 3 and 2 (+1 repeated): 3 optimizer steps, not 5 on every rank."""
+    with open(ddp_runs / "gmm-2" / "curves" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert max(int(r["step"]) for r in rows) == 2  # the last of steps 0, 1, 2
+    model, config = load_run(ddp_runs / "gmm-2")
+    assert config["train"]["labelled_anomalies"] == 3 and bool(model.semi_supervised)
 
 
 def test_shard_sampler_deals_global_batches_of_one_process(monkeypatch):
