@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from aeflow.data import load_data  # noqa: E402
-from aeflow.evaluation.shortcuts import audit, dataset_statistics  # noqa: E402
+from aeflow.evaluation.shortcuts import audit, dataset_statistics, feature_knn  # noqa: E402
 
 
 def main() -> None:
@@ -27,11 +27,19 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64, help="0 keeps the native size")
     parser.add_argument("--intensity", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--knn", action="store_true", help="add the 1-NN distance on pooled EfficientNet-Lite0 "
+                                                             "features (as aeflow test --knn-audit)")
     args = parser.parse_args()
     data = load_data(args.data, args.root, image_size=args.image_size or None, seed=args.seed,
                      intensity=args.intensity)
+    detectors = {}
+    if args.knn:
+        if args.image_size % 16:
+            parser.error("--knn needs an --image-size that is a multiple of 16")
+        detectors["knn_features"] = ("farther from the nearest training normal = anomalous",
+                                     *feature_knn(data.train, data.val, data.test, seed=args.seed))
     result = audit(dataset_statistics(data.val), data.val.labels, dataset_statistics(data.test), data.test.labels,
-                   None)
+                   None, detectors=detectors)
     print(f"machine: {machine()}")
     print(f"data: {args.data} {args.root}, {args.image_size} px, intensity {args.intensity}, seed {args.seed}; "
           f"validation {int((data.val.labels == 0).sum())} normal / {int((data.val.labels == 1).sum())} anomalous, "

@@ -242,14 +242,17 @@ def test_run(
                                                  "threshold the one predict and serve use (threshold.json), or keep "
                                                  "the one in use; by default only a run without one gets it. Every "
                                                  "rule's threshold is kept in thresholds.json either way."),
+    knn_audit: bool = typer.Option(False, "--knn-audit", help="Add a 1-nearest-neighbour detector on pooled "
+                                   "EfficientNet-Lite0 features of the training normals to the shortcut audit."),
 ):
-    """Score the run's validation and test splits; write thresholds.json (threshold.json), metrics.json/.csv and
-    report.html."""
+    """Score the run's validation and test splits; write thresholds.json (threshold.json), metrics.json/.csv,
+    scores.csv and report.html, with the shortcut audit (trivial image statistics beside the model)."""
     from aeflow.evaluation.assess import evaluate_run
 
     with user_errors():
         metrics = evaluate_run(run, rule=rule, rule_params=parse_options(rule_option), root=root,
-                               batch_size=batch_size, device=device, use_threshold=use_threshold)
+                               batch_size=batch_size, device=device, use_threshold=use_threshold,
+                               knn_audit=knn_audit)
     _print_metrics(metrics)
     if not metrics["threshold_in_use"]:
         typer.secho(f"kept {run / 'threshold.json'} as it was: predict and serve still use its rule; pass "

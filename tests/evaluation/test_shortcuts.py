@@ -104,3 +104,29 @@ def test_aeflow_test_writes_the_audit_and_per_image_scores(tmp_path):
     test_scores = [float(r["pred_score"]) for r in rows if r["split"] == "test"]
     labels = [int(r["label"]) for r in rows if r["split"] == "test"]
     assert roc_auc_score(labels, test_scores) == pytest.approx(metrics["image_AUROC"])
+
+
+def test_feature_knn_is_the_distance_to_the_nearest_training_normal():
+    """Pooled pretrained EfficientNet-Lite0 features: a validation image that is also a training image is at
+    distance 0, new images are not. (It does not separate the phantoms' small lesions, AUROC 0.55 here: a global
+    average pools them away; on PneumoniaMNIST it is measured in docs/shortcut_audit.md.)"""
+    from torch.utils.data import ConcatDataset, Subset
+
+    from aeflow.data import load_data
+    from aeflow.evaluation.shortcuts import feature_knn
+
+    data = load_data("synthetic", None, image_size=64, seed=0, n_train=24, n_val=8, n_test=24, size=64)
+    val = ConcatDataset([Subset(data.train, [0, 1]), data.val])
+    val_scores, test_scores = feature_knn(data.train, val, data.test, max_train=1000)
+    assert val_scores.shape == (2 + len(data.val),) and test_scores.shape == (len(data.test),)
+    assert np.allclose(val_scores[:2], 0, atol=1e-5) and (val_scores[2:] > 1e-4).all()
+    labels = data.test.labels
+    assert (test_scores > 1e-4).all() and np.isfinite(test_scores).all()
+    # it joins the audit as a label-free detector of fixed direction, eligible as the best on validation
+    result = audit({n: np.ones(len(val)) for n in ("mean", "contrast", "dark_fraction", "aspect_ratio",
+                                                    "file_size")}, np.r_[[0, 0], data.val.labels],
+                   {n: np.ones(len(labels)) for n in ("mean", "contrast", "dark_fraction", "aspect_ratio",
+                                                       "file_size")}, labels, 0.99,
+                   detectors={"knn_features": ("farther = anomalous", val_scores, test_scores)})
+    assert result["best"] == "knn_features"
+    assert result["best_test_AUROC"] == pytest.approx(roc_auc_score(labels, test_scores))

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from aeflow.data import DataSplits, load_splits
 from aeflow.evaluation.metrics import evaluate, write_metrics
 from aeflow.evaluation.report import GalleryItem, collect_versions, pick_gallery, write_report
-from aeflow.evaluation.shortcuts import audit, dataset_statistics, flat_metrics
+from aeflow.evaluation.shortcuts import audit, dataset_statistics, feature_knn, flat_metrics
 from aeflow.evaluation.thresholds import Threshold, make_rule, save_threshold
 from aeflow.errors import ConfigError
 from aeflow.inference import Predictions, predict_dataset
@@ -49,13 +50,15 @@ def evaluate_run(
     device: str = "auto",
     gallery_per_section: int = 4,
     use_threshold: bool | None = None,
+    knn_audit: bool = False,
 ) -> dict:
     """Evaluate the run in `run_dir` on its own saved splits; returns the metrics dict it wrote.
 
     The fitted threshold is kept in thresholds.json next to those of other rules; it becomes the one predict and
     serve use (threshold.json) when `use_threshold` is True, or when the run has none yet and it is None; an
     existing threshold.json of another rule is never replaced silently (`metrics["threshold_in_use"]` says).
-    The rule and its parameters are checked before anything is loaded or scored.
+    The rule and its parameters are checked before anything is loaded or scored. knn_audit adds the 1-nearest-
+    neighbour distance on pooled EfficientNet-Lite0 features to the shortcut audit (aeflow.evaluation.shortcuts).
     """
     run_dir = Path(run_dir)
     if rule is not None:
@@ -93,8 +96,14 @@ def evaluate_run(
         masks=test.masks,
         has_mask=test.has_mask,
     )
+    detectors = {}
+    if knn_audit:
+        detectors["knn_features"] = ("distance to the nearest training normal (pooled EfficientNet-Lite0 features)",
+                                     *feature_knn(splits.train, splits.val, splits.test, seed=train_config["seed"]))
+    labelled_val = bool((val.labels == 0).any() and (val.labels == 1).any())
     shortcut = audit(dataset_statistics(splits.val), val.labels, dataset_statistics(splits.test), test.labels,
-                     metrics.get("image_AUROC"))
+                     metrics.get("image_AUROC"), detectors=detectors,
+                     model_val_auroc=float(roc_auc_score(val.labels, val.pred_score)) if labelled_val else None)
     metrics.update(flat_metrics(shortcut))
     for warning in shortcut["warnings"]:  # the command line shows it; this keeps it in a log file
         log.info(warning)

@@ -324,7 +324,8 @@ def _shortcut_table(result: Mapping | None) -> dict | None:
     def auroc(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    rows = [["the model", "its anomaly score", "", auroc(result.get("model_test_AUROC"))]]
+    rows = [["the model", "its anomaly score", auroc(result.get("model_val_AUROC")),
+             auroc(result.get("model_test_AUROC"))]]
     for name, entry in result["statistics"].items():
         mark = " (best on validation)" if name == result.get("best") else ""
         rows.append([name + mark, entry["direction"], auroc(entry["val_AUROC"]), auroc(entry["test_AUROC"])])

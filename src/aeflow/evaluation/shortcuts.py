@@ -16,6 +16,11 @@ How a statistic becomes a score is decided on the VALIDATION split, never on the
 - with normal images only, the label-free score |x - median| / MAD of the validation normals ("deviation"); no
   best one can be chosen on validation then, so the audit compares the model with each and warns for any.
 
+Optionally (`feature_knn`, `aeflow test --knn-audit`) a label-free detector joins them: the distance of an image's
+pooled frozen EfficientNet-Lite0 features (global average of the stride-16 map, L2-normalised) to the nearest of
+up to 2000 training normals (cosine). Its direction is fixed (farther = anomalous); it is chosen as the best like
+the statistics, on validation.
+
 Its test AUROC is reported beside the model's; `warnings` says when one comes within `MARGIN` of the model's
 test image AUROC, or above it.
 """
@@ -26,6 +31,7 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from aeflow.data.readers import split_source
@@ -61,6 +67,29 @@ def dataset_statistics(dataset) -> dict[str, np.ndarray]:
     return image_statistics(images, sizes, paths)
 
 
+@torch.no_grad()
+def feature_knn(train, val, test, *, backbone: str = "efficientnet_lite0", max_train: int = 2000,
+                batch_size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, test) scores: 1 - the highest cosine similarity of an image's pooled features to a seeded
+    sample of at most `max_train` training images. Needs the backbone's pretrained weights (EfficientNet-Lite0's
+    ship in a pip package)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from aeflow.data.sample import collate
+    from aeflow.nn.backbones import create_backbone
+
+    net = create_backbone(backbone, pretrained=True, frozen=True).eval()
+
+    def pooled(dataset) -> torch.Tensor:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        feats = [net(batch.image).mean(dim=(2, 3)) for batch in loader]
+        return torch.nn.functional.normalize(torch.cat(feats), dim=1)
+
+    keep = np.random.default_rng(seed).permutation(len(train))[:max_train]
+    bank = pooled(Subset(train, sorted(keep.tolist())))
+    return tuple((1 - (pooled(d) @ bank.T).max(dim=1).values).double().numpy() for d in (val, test))
+
+
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     if len(set(labels.tolist())) < 2 or not np.isfinite(scores).all():
         return None
@@ -68,19 +97,24 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def audit(val_stats: dict[str, np.ndarray], val_labels: np.ndarray, test_stats: dict[str, np.ndarray],
-          test_labels: np.ndarray, model_test_auroc: float | None, *, model_val_auroc: float | None = None) -> dict:
+          test_labels: np.ndarray, model_test_auroc: float | None, *,
+          detectors: dict[str, tuple[str, np.ndarray, np.ndarray]] | None = None,
+          model_val_auroc: float | None = None) -> dict:
     """Orient or centre each statistic on validation, score the test split with it, and compare with the model.
 
     Returns {"mode", "statistics": {name: {"direction", "val_AUROC", "test_AUROC"}}, "best", "best_val_AUROC",
     "best_test_AUROC", "model_test_AUROC", "margin", "warnings"}. Statistics that are constant or undefined on
     validation (file_size of an .npz, aspect_ratio of equal-sized images) are listed as skipped.
+    detectors: label-free scores of fixed direction (higher = anomalous), name -> (what it is, validation scores,
+    test scores), e.g. `feature_knn`'s; they are compared like the statistics.
     """
     val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
     labelled = bool((val_labels == 0).any() and (val_labels == 1).any())
     normal = val_labels == 0 if (val_labels == 0).any() else np.ones(len(val_labels), bool)
     result: dict = {"mode": "oriented on labelled validation" if labelled
                     else "deviation from the validation normals (validation has no anomalies)",
-                    "statistics": {}, "skipped": [], "model_test_AUROC": model_test_auroc, "margin": MARGIN}
+                    "statistics": {}, "skipped": [], "model_test_AUROC": model_test_auroc,
+                    "model_val_AUROC": model_val_auroc, "margin": MARGIN}
     for name in STATISTICS:
         val, test = val_stats[name], test_stats[name]
         if not (np.isfinite(val).all() and np.isfinite(test).all()) or np.ptp(val) == 0:
@@ -97,10 +131,13 @@ def audit(val_stats: dict[str, np.ndarray], val_labels: np.ndarray, test_stats: 
             entry = {"direction": "|x - median| / MAD of validation normals", "val_AUROC": None,
                      "test_AUROC": _auroc(test_labels, np.abs(test - centre) / spread)}
         result["statistics"][name] = entry
+    for name, (what, val, test) in (detectors or {}).items():
+        result["statistics"][name] = {"direction": what, "val_AUROC": _auroc(val_labels, val) if labelled else None,
+                                      "test_AUROC": _auroc(test_labels, test)}
     found = result["statistics"]
     result["warnings"] = []
     if labelled and found:
-        best = max(found, key=lambda n: found[n]["val_AUROC"])
+        best = max(found, key=lambda n: -1.0 if found[n]["val_AUROC"] is None else found[n]["val_AUROC"])
         result.update(best=best, best_val_AUROC=found[best]["val_AUROC"], best_test_AUROC=found[best]["test_AUROC"])
         candidates = [best]
     else:
