@@ -19,6 +19,7 @@ from aeflow.models import create_model
 from aeflow.models.cfa import CFA, soft_boundary_loss
 from aeflow.models.fapm import adaptive_coresets, covering_radii
 from aeflow.models.patchcore import greedy_coreset
+from aeflow.training.schema import check_model_options
 
 from test_baselines import as_batch, auroc, phantom_split, seed_all, train
 
@@ -77,6 +78,14 @@ def test_refuses_to_score_before_fitting(name):
     kwargs = dict(patch_sizes=(8, 4)) if name == "mspba" else dict(backbone="resnet18", pretrained=False)
     with pytest.raises(AeflowError, match="not been fitted"):
         create_model(name, **kwargs).eval().predict(torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["cfa", "pni", "fapm", "mspba"])
+def test_default_config_passes_the_run_folder_schema(name):
+    """A run folder's config.json is checked before a model is rebuilt from it (aeflow.training.schema): every
+    default must be within its bounds, or a trained run could not be loaded."""
+    kwargs = {} if name == "mspba" else dict(backbone="resnet18", pretrained=False)
+    check_model_options(name, create_model(name, **kwargs).config())
 
 
 def test_position_models_refuse_another_image_size():

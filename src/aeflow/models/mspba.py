@@ -18,7 +18,7 @@ L = L_contrastive + position_weight * L_position.
 
 Memory and score. After training, every patch of every training image on a grid of stride P / 2 is embedded; each
 scale keeps a memory of normal embeddings (the greedy coreset of PatchCore, at most `memory_size`, drawn from at
-most `memory_candidates` random patches so that the selection stays fast). A test patch scores its distance to the
+most `candidates_per_image` random patches of each training image so that the selection stays fast). A test patch scores its distance to the
 nearest memory embedding; each pixel takes the mean score of the patches that cover it; the scales' maps are
 multiplied (their geometric mean, as Patch SVDD fuses its scales, so no scale's units dominate), smoothed, and the
 image score is the maximum. Each scale's maximum is also returned as a score component.
@@ -95,7 +95,8 @@ class MSPBA(AnomalyModel):
 
     dim, base_width: embedding size and encoder width. steps, batch_size, lr: the self-supervised training (Adam).
     temperature, position_weight: the contrastive temperature and the position loss's weight. memory_size,
-    memory_candidates: the per-scale memory (coreset size) and how many random patches it is chosen from.
+    candidates_per_image: the per-scale memory (coreset size) and how many random grid patches per training image
+    it is chosen from.
     """
 
     trained_by_gradient = False  # fit() trains the encoders, then builds the memory (see the module doc)
@@ -112,7 +113,7 @@ class MSPBA(AnomalyModel):
         temperature: float = 0.5,
         position_weight: float = 1.0,
         memory_size: int = 2048,
-        memory_candidates: int = 50_000,
+        candidates_per_image: int = 32,
         projection_dim: int | None = None,
         blur_sigma: float = 4.0,
         seed: int = 0,
@@ -120,8 +121,8 @@ class MSPBA(AnomalyModel):
         super().__init__()
         if not patch_sizes or any(p < 4 or p & (p - 1) for p in patch_sizes):
             raise ConfigError(f"patch_sizes must be powers of two >= 4; got {list(patch_sizes)}")
-        if min(dim, base_width, steps + 1, batch_size - 1, memory_size, memory_candidates) < 1 or temperature <= 0:
-            raise ConfigError("dim, base_width, memory_size, memory_candidates >= 1, steps >= 0, batch_size >= 2 "
+        if min(dim, base_width, steps + 1, batch_size - 1, memory_size, candidates_per_image) < 1 or temperature <= 0:
+            raise ConfigError("dim, base_width, memory_size, candidates_per_image >= 1, steps >= 0, batch_size >= 2 "
                               "and temperature > 0 are needed")
         self.patch_sizes = tuple(patch_sizes)
         self.encoders = nn.ModuleList(PatchEncoder(in_channels, p, dim, base_width) for p in self.patch_sizes)
@@ -200,9 +201,9 @@ class MSPBA(AnomalyModel):
         with torch.no_grad():
             for scale, size in enumerate(self.patch_sizes):
                 embeddings = torch.cat([self.embed_grid(part, scale)[0] for part in images.split(64)])
-                if len(embeddings) > c["memory_candidates"]:
-                    embeddings = embeddings[torch.randperm(len(embeddings), generator=generator)[
-                        : c["memory_candidates"]].to(device)]
+                candidates = c["candidates_per_image"] * len(images)
+                if len(embeddings) > candidates:
+                    embeddings = embeddings[torch.randperm(len(embeddings), generator=generator)[:candidates].to(device)]
                 if len(embeddings) > c["memory_size"]:
                     embeddings = embeddings[greedy_coreset(embeddings, c["memory_size"], c["projection_dim"],
                                                            generator)]
