@@ -24,8 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
+# The quick speed table (EfficientNet-Lite0, 128 px); benchmarks/ holds the others, each with its command.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/speed.py --backbone efficientnet_lite0 --size 128
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -36,7 +36,8 @@ def main() -> None:
     from aeflow.models import create_model
 
     torch.set_num_threads(args.threads)
-    model = create_model("aeflow", backbone=args.backbone, pretrained=False, subnet="resnet", score_mode="paper").eval()
+    model = create_model("aeflow", backbone=args.backbone, pretrained=False, subnet="resnet", score_mode="paper",
+                         map_mode="residual").eval()
     if args.channels_last_encoder:
         model.encoder.to(memory_format=torch.channels_last)
     x = torch.rand(args.batch, 1, args.size, args.size)

@@ -26,7 +26,8 @@ from common import count_flops, machine, matmul_flops, peak_rss_mb, timed  # noq
 def build(backbone: str, size: int, channels_last: bool):
     from aeflow.models import create_model
 
-    model = create_model("aeflow", backbone=backbone, pretrained=False, subnet="resnet", score_mode="paper")
+    model = create_model("aeflow", backbone=backbone, pretrained=False, subnet="resnet", score_mode="paper",
+                         map_mode="residual")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
