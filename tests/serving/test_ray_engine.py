@@ -83,6 +83,7 @@ def test_ray_engine_without_ray_says_how_to_install_it(run_dir, archive, tmp_pat
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ConfigError, match=r"aeflow\[distributed\]"):
         predict_paths(run_dir, [archive / "scan00.png"], tmp_path / "out", progress=False, engine="ray")
+    assert not (tmp_path / "out" / "predictions.csv").exists()  # refused before anything is written
 
 
 def test_unknown_engine_is_refused_before_anything_is_written(run_dir, archive, tmp_path):

@@ -94,7 +94,10 @@ def predict_paths(
     out_dir = Path(out_dir)
     suffix = f".{index}-of-{count}" if shard else ""
     _claim_folder(out_dir, suffix, (index, count) if shard else None, overwrite)  # before the model is loaded
-    if engine == "ray":  # the model is loaded by the workers; the threshold here first, to fail fast
+    if engine == "ray":  # the model is loaded by the workers; ray and the threshold here first, to fail fast
+        from aeflow.serving.ray_engine import require_ray
+
+        require_ray()
         run_dir = run.run_dir if run is not None else run_dir
         threshold = read_threshold(run_dir, threshold_rule)
     else:

@@ -54,7 +54,7 @@ def scored_batches(run_dir: str | Path, items: Sequence[tuple[int, str]], *, bat
                    workers: int | None = None, progress: bool = False) -> Iterator[list[Outcome]]:
     """Outcomes of `items` ((global position, source) each), batch by batch, scored by `workers` replicas (default:
     one per CPU of the cluster; one GPU each with device "cuda")."""
-    ray = _import_ray()
+    ray = require_ray()
     started = not ray.is_initialized()
     if started:
         # Ray reports usage statistics over the network unless told not to; aeflow runs offline.
@@ -88,7 +88,8 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _import_ray():
+def require_ray():
+    """The ray module; ConfigError saying how to install it when it (or Ray Data) is missing."""
     try:
         import ray
         import ray.data  # noqa: F401
