@@ -130,3 +130,21 @@ def test_feature_knn_is_the_distance_to_the_nearest_training_normal():
                    detectors={"knn_features": ("farther = anomalous", val_scores, test_scores)})
     assert result["best"] == "knn_features"
     assert result["best_test_AUROC"] == pytest.approx(roc_auc_score(labels, test_scores))
+
+
+def test_the_report_shows_what_the_data_has_and_the_root_as_given():
+    from types import SimpleNamespace
+
+    from aeflow.evaluation.assess import _data_summary
+    from aeflow.evaluation.report import GalleryItem, gallery_columns
+
+    image = np.zeros((1, 8, 8), np.float32)
+    plain = GalleryItem(image=image, score=1.0, label=1, path="a.png", anomaly_map=image[0])
+    assert gallery_columns([plain]) == ["image", "heat map"]  # no "no mask" column on data without masks
+    masked = GalleryItem(image=image, score=1.0, label=1, path="b.png", anomaly_map=image[0], mask=image[0],
+                         reconstruction=image)
+    assert gallery_columns([plain, masked]) == ["image", "reconstruction", "heat map", "mask"]
+    records = SimpleNamespace(layout="folder", root="/data/resolved/target", train=[1, 2])
+    none = SimpleNamespace(labels=np.array([0, 1]))
+    assert _data_summary(records, none, none, given_root="data/link")["root"] == "data/link"
+    assert _data_summary(records, none, none)["root"] == "/data/resolved/target"

@@ -144,3 +144,11 @@ def test_a_logger_whose_package_is_missing_is_refused_before_anything_is_written
     result = invoke("--logger", "mlflow", "--runs", str(tmp_path), "--name", "m")
     assert result.exit_code == 2 and "pip install mlflow-skinny" in result.output, result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_config_json_records_the_installed_freia_version(first_run):
+    from importlib.metadata import version
+
+    folder, _ = first_run
+    versions = json.loads((folder / "runs" / "a" / "config.json").read_text())["versions"]
+    assert versions["FrEIA"] == version("FrEIA") != "unknown"  # the same string the report's table shows

@@ -135,7 +135,7 @@ def evaluate_run(
         gallery=gallery,
         per_section=gallery_per_section,
         config=config,
-        data_summary=_data_summary(records, val, test),
+        data_summary=_data_summary(records, val, test, given_root=root or data_options.get("root")),
         versions=collect_versions(),
         timings=timings,
         shortcut_audit=shortcut,
@@ -181,13 +181,13 @@ def _gallery_item(test: Predictions, i: int) -> GalleryItem:
     )
 
 
-def _data_summary(records, val: Predictions, test: Predictions) -> dict:
+def _data_summary(records, val: Predictions, test: Predictions, given_root=None) -> dict:
     def counts(labels: np.ndarray) -> str:
         return f"{int((labels == 0).sum())} normal / {int((labels == 1).sum())} anomalous"
 
     return {
         "layout": records.layout,
-        "root": records.root or "(generated)",
+        "root": str(given_root) if given_root else records.root or "(generated)",  # as the user wrote it
         "train": f"{len(records.train)} normal",
         "val": counts(val.labels),
         "test": counts(test.labels),

@@ -245,26 +245,37 @@ def _display(array: np.ndarray) -> np.ndarray:
     return (a - low) / (high - low) if high > low else np.zeros_like(a)
 
 
+def gallery_columns(items: Sequence[GalleryItem]) -> list[str]:
+    """A column only for what some image has: data without masks (or a model without reconstructions) gets none."""
+    return [name for name, shown in (("image", True),
+                                     ("reconstruction", any(it.reconstruction is not None for it in items)),
+                                     ("heat map", True), ("mask", any(it.mask is not None for it in items)))
+            if shown]
+
+
 def _gallery(items: list[GalleryItem], threshold: Threshold, per_section: int) -> dict[str, str | None]:
-    """One figure per section: a row per image with image, reconstruction, heat map (mask outlined) and mask."""
+    """One figure per section: a row per image with image, reconstruction, heat map (mask outlined) and mask; the
+    reconstruction and mask columns only where some image has one."""
     if not items:
         return {}
     picked = pick_gallery([it.score for it in items], [it.label for it in items], threshold, per_section)
     maps = [np.asarray(it.anomaly_map, dtype=np.float64) for it in items if it.anomaly_map is not None]
     # one colour scale for every heat map, so colours compare across images
     vmin, vmax = (np.percentile(np.concatenate([m.ravel() for m in maps]), [1, 99]) if maps else (0.0, 1.0))
+    columns = gallery_columns(items)
     out: dict[str, str | None] = {}
     for section in GALLERY_SECTIONS:
         rows = [items[i] for i in picked[section]]
         if not rows:
             out[section] = None
             continue
-        columns = ["image", "reconstruction", "heat map", "mask"]
         fig = Figure(figsize=(2.2 * len(columns), 2.4 * len(rows)))
         axes = np.atleast_2d(fig.subplots(len(rows), len(columns)))
         for r, item in enumerate(rows):
-            panels = [item.image, item.reconstruction, item.anomaly_map, item.mask]
-            for c, (name, panel) in enumerate(zip(columns, panels)):
+            panels = {"image": item.image, "reconstruction": item.reconstruction, "heat map": item.anomaly_map,
+                      "mask": item.mask}
+            for c, name in enumerate(columns):
+                panel = panels[name]
                 ax = axes[r, c]
                 ax.set_axis_off()
                 if panel is None:

@@ -561,7 +561,6 @@ def _resumed_config(run_dir: Path, config: TrainConfig) -> TrainConfig:
 
 def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdout: list[str],
                   labelled: list[str]) -> None:
-    import FrEIA
     import numpy
 
     document: dict[str, Any] = {
@@ -574,12 +573,21 @@ def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdo
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "lightning": L.__version__,
-            "FrEIA": getattr(FrEIA, "__version__", "unknown"),
+            "FrEIA": _package_version("FrEIA"),  # FrEIA has no __version__; its metadata has
             "numpy": numpy.__version__,
             "platform": platform.platform(),
         },
     }
     _write_json(run_dir / CONFIG_FILE, document)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _write_json(path: Path, document: Any) -> None:
