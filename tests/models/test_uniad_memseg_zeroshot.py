@@ -4,9 +4,13 @@ initialised CLIP and SAM models built here: no weights exist offline).
 The zero-shot tests need the optional packages (pip install 'aeflow[zeroshot]') and skip cleanly without them.
 
 Bounds for the trained models: image AUROC on 50 normal vs 50 lesion phantoms at 64 px. Under the null (scores
-unrelated to the label) the AUROC of 50 vs 50 has mean 0.5 and standard deviation sqrt(101 / (12 * 2500)) = 0.058;
-each bound below is stated with its distance from chance. Pixel AUROC is taken over the ~200k pixels of the lesion
-images, where chance has a negligible spread, so 0.75 is far from it. Shuffled or constant scores fail the bounds.
+unrelated to the label) the AUROC of 50 vs 50 has mean 0.5 and standard deviation sqrt(101 / (12 * 2500)) = 0.058.
+UniAD (300 Adam steps) measured 0.749 here (pixel 0.936; 0.71 / 0.81 / 0.76 for seeds 0 / 1 / 2 in a loop that
+trains on cached features); its bound 0.65 is 2.6 sd above chance. MemSeg (150 steps) measured 0.648 (pixel 0.852);
+its bound 0.62 is 2.1 sd above chance, so a model that learned nothing passes it about 2% of the time (the seeds are
+fixed, so each run is deterministic). Pixel AUROC is taken over the ~200k pixels of the lesion images, where chance
+has a negligible spread, so 0.75 is far from it. Shuffled or constant scores fail the bounds. Measured on a shared
+2-core Xeon with other jobs running (torch 2.13.0+cpu): ~5 and ~3.5 minutes there, well under a minute alone.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from aeflow.models.uniad import DecoderLayer, MaskedAttention, ReconstructionTra
     neighbour_mask
 
 N_TEST = 50  # per class
-UNIAD_IMAGE_BOUND = 0.6
-MEMSEG_STEPS, MEMSEG_IMAGE_BOUND = 150, 0.6
+UNIAD_IMAGE_BOUND = 0.65
+MEMSEG_STEPS, MEMSEG_IMAGE_BOUND = 150, 0.62
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,8 +94,11 @@ def check_rebuilds(model, images: torch.Tensor) -> None:
 
 # --- UniAD ---------------------------------------------------------------------------------------------------
 
+# One encoder and one decoder layer on an 8 x 8 grid (64 px). Jitter 2 instead of the paper's 20: its noise, 1.5 times
+# the features' own scale, leaves a model of 300 steps close to the mean (image AUROC 0.56, pixel 0.84 on 20 + 20
+# images, against 0.57 / 0.87 with jitter 2); the paper trains for 1000 epochs. The shortcut test below uses 20.
 TINY_UNIAD = dict(backbone="efficientnet_lite0", feature_size=8, hidden_dim=64, num_heads=4, feedforward_dim=128,
-                  encoder_layers=1, decoder_layers=1, neighbourhood=3, blur_sigma=2.0)
+                  encoder_layers=1, decoder_layers=1, neighbourhood=3, jitter_scale=2.0, blur_sigma=2.0)
 
 
 def test_neighbour_mask_covers_the_window_around_each_token():
@@ -165,11 +172,13 @@ def _normal_tokens(n: int, generator: torch.Generator) -> torch.Tensor:
 COPY_STEPS = 150
 
 
+@pytest.mark.slow
 def test_mask_and_jitter_stop_the_model_from_copying_anomalies():
     """Measured on tokens that need no backbone: a 2 x 2 block of a normal token map is replaced by noise, and we
     ask how much of that change reaches the reconstruction (1 = copied, 0 = restored to normal). Trained alike
-    (300 Adam steps, same data), the plain transformer (no mask, no jitter) copied 0.5-0.6 of it, UniAD's (mask +
-    jitter) about a third of that; the bound asks for a clear factor."""
+    (150 Adam steps, same data, one encoder and one decoder layer), the plain transformer (no mask, no jitter) let
+    0.089 of it through, UniAD's (mask + the paper's jitter) 0.013 (0.090 and 0.008 after 300 steps); the bound
+    asks for less than 0.6 times the plain model's share."""
     g = torch.Generator().manual_seed(0)
     data = _normal_tokens(256, g)
     clean = _normal_tokens(32, g)

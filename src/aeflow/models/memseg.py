@@ -29,7 +29,11 @@ is any of aeflow.nn.backbones at strides 4, 8 and 16 (EfficientNet-Lite0 by defa
 ResNet-18 has its first three stages frozen). The memory is filled from the first training images the model sees
 (the paper samples N training images at random before training; a loader shuffles them anyway); until it is
 filled (only lightning's validation sanity check runs before the first training step) the other images of the same
-batch stand in for it.
+batch stand in for it. Under DDP each process fills its memory from its own batches.
+
+Status: on the 64 px synthetic phantoms a decoder of width 8 with a memory of 16 images, every training image
+augmented, gives image AUROC 0.65 and pixel AUROC 0.85 after 150 Adam steps (tests/models/
+test_uniad_memseg_zeroshot.py). Board rows: docs/results/rows_uniad_memseg_zeroshot.md.
 """
 
 from __future__ import annotations
