@@ -45,7 +45,7 @@ class _Scorer:
             items = [(int(position), decode(dataset, i)) for i, position in enumerate(positions)]
             outcomes += score_items(self.run, items, self.overlays)
         columns = {name: [getattr(o, name) for o in outcomes] for name in _FIELDS}
-        return {name: np.array(values, dtype=object if name in ("png",) else None)
+        return {name: np.array(values, dtype=object if name == "png" else None)
                 for name, values in columns.items()}
 
 
@@ -61,11 +61,12 @@ def scored_batches(run_dir: str | Path, items: Sequence[tuple[int, str]], *, bat
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  **({"num_cpus": workers} if address is None and workers else {}))
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order, context.enable_progress_bars
     try:
         if not items:
             return
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
+        context.execution_options.preserve_order = True  # rows are written in input order
         context.enable_progress_bars = progress
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
@@ -79,6 +80,7 @@ def scored_batches(run_dir: str | Path, items: Sequence[tuple[int, str]], *, bat
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             yield [Outcome(**{name: _plain(batch[name][i]) for name in _FIELDS}) for i in range(len(batch["position"]))]
     finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = before  # the caller's session
         if started:
             ray.shutdown()
 
