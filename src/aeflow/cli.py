@@ -35,6 +35,20 @@ data_app = typer.Typer(help="Inspect data sets and layouts.", no_args_is_help=Tr
 app.add_typer(data_app, name="data")
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        import aeflow
+
+        typer.echo(f"aeflow {aeflow.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                          help="Print aeflow's version and exit.")) -> None:
+    """Anomaly detection in medical images with AE-FLOW: train on normal images, score and localise anomalies."""
+
+
 _default_formatwarning = warnings.formatwarning
 
 
@@ -302,11 +316,25 @@ def demo(
 
 @app.command("models")
 def list_models():
-    """List the registered models."""
+    """List the registered models: a line each with its paper and whether it needs pretrained weights."""
+    import inspect
+
     from aeflow.models import available_models
+    from aeflow.models.base import _REGISTRY
 
     for name in available_models():
-        typer.echo(name)
+        cls = _REGISTRY[name]
+        doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+        paper = " ".join(doc.split("\n\n")[0].split())
+        paper = paper if len(paper) <= 36 else paper[:33] + "..."  # the line fits 80 columns
+        # a model that forwards **options to its parent (aeflow_gmm -> aeflow) takes the parent's backbone
+        params = next((inspect.signature(k.__init__).parameters for k in cls.__mro__
+                       if "backbone" in inspect.signature(k.__init__).parameters), inspect.signature(cls.__init__).parameters)
+        backbone = params["backbone"].default if "backbone" in params else None
+        pretrained = params["pretrained"].default if "pretrained" in params else backbone is not None
+        weights = (f"weights: {backbone}" if pretrained and isinstance(backbone, str) else
+                   "weights: local files" if pretrained else "no weights needed")
+        typer.echo(f"{name:17s}{weights:27s}{paper}")
 
 
 app.command("benchmark")(benchmark_command)

@@ -152,3 +152,18 @@ def test_config_json_records_the_installed_freia_version(first_run):
     folder, _ = first_run
     versions = json.loads((folder / "runs" / "a" / "config.json").read_text())["versions"]
     assert versions["FrEIA"] == version("FrEIA") != "unknown"  # the same string the report's table shows
+
+
+def test_version_and_a_line_per_model():
+    import aeflow
+    from aeflow.models import available_models
+
+    version = CliRunner().invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"aeflow {aeflow.__version__}"
+    listing = CliRunner().invoke(app, ["models"])
+    lines = listing.output.splitlines()
+    assert listing.exit_code == 0 and [line.split()[0] for line in lines] == available_models()
+    assert all(len(line) <= 80 for line in lines)
+    by_name = {line.split()[0]: line for line in lines}
+    assert "weights: wide_resnet50_2" in by_name["aeflow"] and "AE-FLOW (Zhao" in by_name["aeflow"]
+    assert "no weights needed" in by_name["ae"]
