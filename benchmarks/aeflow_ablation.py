@@ -10,7 +10,7 @@ with masks, pixel AUROC.
     python benchmarks/aeflow_ablation.py --data magnetic_tile --seeds 0,1,2 --out docs/results/ablation_magnetic_tile.md
 
 `--rows a,b` runs only some rows (each row still carries every change above it); `--jobs 2` trains two runs at a
-time (one thread each). Finished runs are reused when their folder holds metrics.json.
+time (one thread each). Runs trained with the same config are reused (and evaluated if they were not).
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ def run_one(job: tuple[int, int, dict, str]) -> dict:
     from aeflow.training import train
 
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").is_file() and _same_run(run_dir, config, seed):
+    trained = (run_dir / "model.safetensors").is_file() and _same_run(run_dir, config, seed)
+    if trained and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
+    elif trained:  # trained, but the evaluation did not finish
+        metrics = evaluate_run(run_dir)
     else:
         if run_dir.exists():
             import shutil
@@ -94,9 +97,11 @@ def run_one(job: tuple[int, int, dict, str]) -> dict:
 
 
 def _same_run(run_dir: Path, config: dict, seed: int) -> bool:
-    """Whether the finished run in `run_dir` was trained with `config` and `seed` (then it is reused): the model
+    """Whether the run in `run_dir` was trained with `config` and `seed` (then it is reused): the model
     arguments are compared with the model's full recorded config (defaults included), so that naming a default
     explicitly does not retrain a run, and a changed default does."""
+    if not (run_dir / "config.json").is_file():
+        return False
     stored = json.loads((run_dir / "config.json").read_text())
     train, model_config = stored["train"], stored["model_config"]
     return train["seed"] == seed and all(train.get(k) == v for k, v in config.items() if k != "model_kwargs") \
