@@ -8,6 +8,11 @@ Markdown table (mean +- std over seeds), writes the per-run rows as JSON lines (
 it measured) and a plot.
 
     python benchmarks/semi_supervised.py --ks 0,5,20,100 --seeds 0,1,2 --epochs 4
+    python benchmarks/semi_supervised.py --model supervised_probe --ks 5,20,100 --seeds 0,1,2
+
+`--model supervised_probe` runs the baseline every semi-supervised row is compared with (aeflow.models.probe: a
+logistic regression on pooled frozen EfficientNet-Lite0 features, fitted on the same normals + K labelled images);
+it needs K >= 1. Rows of both models go into one table, a block per model.
 """
 
 from __future__ import annotations
@@ -50,9 +55,12 @@ def run_one(args, k: int, seed: int) -> dict:
     from aeflow.training import load_run, train
 
     data = load_data("medmnist", NPZ, image_size=args.size, seed=seed, labelled_anomalies=k)
-    model_kwargs = {"backbone": "efficientnet_lite0", "freeze_encoder": True, "flow_steps": args.flow_steps,
-                    "subnet": "conv", "decoder_widths": [64, 32, 16], **json.loads(args.model_kwargs)}
-    config = {"model": "aeflow_gmm", "model_kwargs": model_kwargs, "image_size": args.size, "seed": seed,
+    if args.model == "aeflow_gmm":
+        model_kwargs = {"backbone": "efficientnet_lite0", "freeze_encoder": True, "flow_steps": args.flow_steps,
+                        "subnet": "conv", "decoder_widths": [64, 32, 16], **json.loads(args.model_kwargs)}
+    else:
+        model_kwargs = {"backbone": "efficientnet_lite0", **json.loads(args.model_kwargs)}
+    config = {"model": args.model, "model_kwargs": model_kwargs, "image_size": args.size, "seed": seed,
               "max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "progress_bar": False,
               "data": {"layout": "medmnist", "root": str(NPZ)}, "labelled_anomalies": k}
     started = time.perf_counter()
@@ -64,7 +72,7 @@ def run_one(args, k: int, seed: int) -> dict:
     threshold = make_rule("f1_optimal").fit(val_scores["pred_score"], val_labels)
     metrics = evaluate(test_scores["pred_score"], test_labels, threshold, with_test_oracle=False,
                        component_scores={c: test_scores[c] for c in COMPONENTS if c in test_scores})
-    row = {"K": k, "seed": seed, "image_AUROC": metrics["image_AUROC"], "image_F1": metrics["image_F1"],
+    row = {"model": args.model, "K": k, "seed": seed, "image_AUROC": metrics["image_AUROC"], "image_F1": metrics["image_F1"],
            **{f"AUROC_{c.removeprefix('score_')}": metrics[f"component/{c}/image_AUROC"]
               for c in COMPONENTS if c in test_scores},
            "train_seconds": round(trained - started, 1), "test_seconds": round(time.perf_counter() - trained, 1)}
@@ -72,18 +80,22 @@ def run_one(args, k: int, seed: int) -> dict:
     return row
 
 
+def model_of(row: dict) -> str:
+    return row.get("model", "aeflow_gmm")  # rows written before the probe existed are aeflow_gmm's
+
+
 def table(rows: list[dict]) -> str:
     keys = ["image_AUROC", "image_F1", "AUROC_flow_nll", "AUROC_recon", "AUROC_posterior"]
-    lines = ["| K labelled | seeds | " + " | ".join(keys) + " | train s/run |",
-             "|---:|---:|" + "---:|" * len(keys) + "---:|"]
-    for k in sorted({r["K"] for r in rows}):
-        group = [r for r in rows if r["K"] == k]
+    lines = ["| model | K labelled | seeds | " + " | ".join(keys) + " | train s/run |",
+             "|---|---:|---:|" + "---:|" * len(keys) + "---:|"]
+    for model, k in sorted({(model_of(r), r["K"]) for r in rows}):
+        group = [r for r in rows if r["K"] == k and model_of(r) == model]
         cells = []
         for key in keys:
             values = [r[key] for r in group if key in r]
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
         train_s = np.mean([r["train_seconds"] for r in group])
-        lines.append(f"| {k} | {len(group)} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+        lines.append(f"| {model} | {k} | {len(group)} | " + " | ".join(cells) + f" | {train_s:.0f} |")
     return "\n".join(lines)
 
 
@@ -96,16 +108,20 @@ def plot(rows: list[dict], path: Path) -> None:
     ks = sorted({r["K"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, title in ((axes[0], "image_AUROC", "test image AUROC"), (axes[1], "image_F1", "test F1 (val threshold)")):
-        for r in rows:
-            ax.scatter(ks.index(r["K"]), r[key], color="grey", s=12, zorder=2)
-        means = [np.mean([r[key] for r in rows if r["K"] == k]) for k in ks]
-        stds = [np.std([r[key] for r in rows if r["K"] == k]) for k in ks]
-        ax.errorbar(range(len(ks)), means, yerr=stds, marker="o", capsize=4, zorder=3)
+        for model in sorted({model_of(r) for r in rows}):
+            mine = [r for r in rows if model_of(r) == model]
+            at = [k for k in ks if any(r["K"] == k for r in mine)]
+            for r in mine:
+                ax.scatter(ks.index(r["K"]), r[key], color="grey", s=12, zorder=2)
+            means = [np.mean([r[key] for r in mine if r["K"] == k]) for k in at]
+            stds = [np.std([r[key] for r in mine if r["K"] == k]) for k in at]
+            ax.errorbar([ks.index(k) for k in at], means, yerr=stds, marker="o", capsize=4, zorder=3, label=model)
         ax.set_xticks(range(len(ks)), [str(k) for k in ks])
         ax.set_xlabel("labelled pneumonias K")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    fig.suptitle("AE-FLOW + Gaussian-mixture prior on PneumoniaMNIST (mean ± std over seeds; dots: runs)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Semi-supervised PneumoniaMNIST (mean ± std over seeds; dots: runs)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -121,7 +137,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of extra aeflow_gmm arguments")
+    parser.add_argument("--model", choices=("aeflow_gmm", "supervised_probe"), default="aeflow_gmm")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON dict of extra model arguments")
     parser.add_argument("--rows", default=str(ROOT / "runs" / "semi_supervised.jsonl"),
                         help="JSON-lines file the per-run rows are appended to")
     parser.add_argument("--from-rows", action="store_true", help="only rebuild the table and plot from --rows")
@@ -131,7 +148,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    import aeflow.models.aeflow_gmm  # noqa: F401  registers "aeflow_gmm"
+    import aeflow.models  # noqa: F401  registers the models
 
     rows_path = Path(args.rows)
     if not args.from_rows:

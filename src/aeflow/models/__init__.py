@@ -25,6 +25,7 @@ from aeflow.models import mnad  # noqa: E402,F401
 from aeflow.models import mspba  # noqa: E402,F401
 from aeflow.models import padim  # noqa: E402,F401
 from aeflow.models import patchcore  # noqa: E402,F401
+from aeflow.models import probe  # noqa: E402,F401
 from aeflow.models import pni  # noqa: E402,F401
 from aeflow.models import saa  # noqa: E402,F401
 from aeflow.models import statistical  # noqa: E402,F401
