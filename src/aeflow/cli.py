@@ -21,6 +21,7 @@ from typing import Optional
 import typer
 
 from aeflow.cli_errors import user_errors
+from aeflow.cli_options import parse_options
 from aeflow.evaluation.leaderboard import benchmark_command
 from aeflow.serving.commands import register as register_serving_commands
 
@@ -60,20 +61,6 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
 
 
 warnings.formatwarning = _plain_warning
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """Turn repeated `--option key=value` flags into a dict; values are parsed as JSON when they can be."""
-    options = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise typer.BadParameter(f"expected key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip().replace("-", "_")] = value
-    return options
 
 
 DATA_HELP = "Data layout: synthetic, medmnist, magnetic_tile, mvtec, btad, chest_xray, oct2017, isic2018, brats2021, miic, folder."

@@ -50,3 +50,13 @@ def test_benchmark_passes_the_intensity_rule_to_every_model(tmp_path, monkeypatc
     assert CliRunner().invoke(app, args).exit_code == 0 and "intensity" not in seen["data"]  # reuse stays possible
     bad = CliRunner().invoke(app, [*args, "--intensity", "brightest"])
     assert bad.exit_code == 2 and "unknown intensity rule" in bad.output
+
+
+def test_the_benchmark_orchestration_does_not_import_the_command_line():
+    import subprocess
+    import sys
+
+    code = ("import sys, aeflow.evaluation.leaderboard as board; board.benchmark_command; "
+            "print('aeflow.cli' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

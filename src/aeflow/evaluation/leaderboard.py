@@ -259,7 +259,7 @@ def benchmark_command(
                                                                       "or all in this one (faster start)."),
 ):
     """Train and test several models on one split and write a leaderboard (Markdown, CSV, HTML)."""
-    from aeflow.cli import parse_options
+    from aeflow.cli_options import parse_options
 
     names = [name.strip() for name in models.split(",") if name.strip()]
     try:
