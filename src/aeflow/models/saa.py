@@ -15,11 +15,13 @@ anomaly region refiner (SAM) turns them into masks, and SAA+ regularises the can
 The anomaly map is, at each pixel, the highest score of the kept regions that cover it (0 where none does), and
 the image score its maximum.
 
-Departure, on purpose: the paper's region generator is Grounding DINO prompted with defect words. No grounding
-detector is installable here: Grounding DINO's packages build their own CUDA extension and load BERT weights
-from a model hub at run time, which this toolkit does not do. So SAM proposes the candidates itself, with its
-automatic mask generator (a grid of point prompts; its predicted IoU is the confidence), and the hybrid prompts
-do the rest. The language prompts of SAA have no counterpart without a text-conditioned detector.
+Departure: the paper's region generator is Grounding DINO prompted with defect words. It is not integrated yet.
+A pure-Python build is on PyPI (groundingdino-gml 0.1.2, no compiled extension), but its text branch loads BERT and
+BERT's tokenizer through transformers' from_pretrained (a hub name, or a local folder the user would have to fetch
+too) besides the detector's own checkpoint, and it needs transformers, opencv, supervision and pycocotools. Here SAM
+proposes the candidates itself, with its automatic mask generator (a grid of point prompts; its predicted IoU is the
+confidence), and the hybrid prompts do the rest. SAA's language prompts have no counterpart without a
+text-conditioned detector.
 
 The paper's SAM is ViT-H (sam_vit_h_4b8939.pth); ViT-B and ViT-L are the same architecture, smaller. Weights are
 read only from a local file the user names (weights=PATH, --weights PATH): nothing is downloaded.
