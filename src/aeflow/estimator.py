@@ -218,12 +218,14 @@ class AnomalyDetector:
 
     def proba_from_scores(self, scores) -> np.ndarray:
         self._check_fitted()
+        self._check_calibrated("predict_proba")
         anomalous = 1.0 - conformal_p_values(self.calibration_scores_, scores)
         return np.stack([1.0 - anomalous, anomalous], axis=1)
 
     def detect(self, X) -> Detections:
         """Scores, labels, anomaly maps and masks of X (anomalib's field names; see the module docstring)."""
         self._check_fitted()
+        self._check_calibrated("detect")
         with tempfile.TemporaryDirectory(prefix="aeflow-score-") as tmp:
             images = _sources(X, Path(tmp), channels_last=self.channels_last)
             out = self._predict_sources(images.sources, self._intensity_for(images), keep_maps=True)
@@ -248,8 +250,9 @@ class AnomalyDetector:
         (folder / CONFIG_FILE).write_text(json.dumps(self.run_config_, indent=2, default=str))
         (folder / THRESHOLD_FILE).write_text(json.dumps(self.threshold.to_dict(), indent=2))
         state = {"params": self.get_params(), "decision_scores": self.decision_scores_.tolist(),
-                 "intensity": self.intensity_, "fitted_on": self.fitted_on_,
-                 "calibration_scores": self.calibration_scores_.tolist(), "pixel_threshold": self.pixel_threshold_}
+                 "intensity": self.intensity_, "fitted_on": self.fitted_on_}
+        if hasattr(self, "calibration_scores_"):
+            state.update(calibration_scores=self.calibration_scores_.tolist(), pixel_threshold=self.pixel_threshold_)
         (folder / ESTIMATOR_FILE).write_text(json.dumps(state))
         return folder
 
@@ -263,11 +266,13 @@ class AnomalyDetector:
         try:
             state = json.loads((folder / ESTIMATOR_FILE).read_text())
             detector = cls(**state["params"])
-            detector.intensity_ = str(parse_intensity(state["intensity"]))
-            detector.fitted_on_ = state["fitted_on"]
-            detector.calibration_scores_ = np.asarray(state["calibration_scores"], dtype=np.float64)
-            detector.pixel_threshold_ = float(state["pixel_threshold"])
             detector.decision_scores_ = np.asarray(state["decision_scores"], dtype=np.float64)
+            # a folder saved before the rule was fixed at fit keeps the rule as given (auto follows the dtype)
+            detector.intensity_ = str(parse_intensity(state.get("intensity", detector.intensity)))
+            detector.fitted_on_ = state.get("fitted_on", "arrays")
+            if "calibration_scores" in state:
+                detector.calibration_scores_ = np.asarray(state["calibration_scores"], dtype=np.float64)
+                detector.pixel_threshold_ = float(state["pixel_threshold"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{folder}: not a saved AnomalyDetector ({ESTIMATOR_FILE}: {exc!r})") from exc
         detector.model_, detector.run_config_ = load_run(folder)
@@ -317,6 +322,11 @@ class AnomalyDetector:
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
             raise ConfigError("this AnomalyDetector is not fitted yet: call fit(X) first")
+
+    def _check_calibrated(self, what: str) -> None:
+        if not hasattr(self, "calibration_scores_"):
+            raise ConfigError(f"{what} needs the held-out normals' scores, which this detector's folder (saved by an "
+                              f"older aeflow) lacks: fit it again")
 
     def _predict_sources(self, sources: list[str], intensity: str, *, keep_maps: bool):
         dataset = ImageDataset([Record(s, -1) for s in sources], image_size=self.image_size_,

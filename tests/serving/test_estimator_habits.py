@@ -150,3 +150,18 @@ def test_predict_and_serve_find_a_fitted_threshold_by_any_spelling(tmp_path):
         assert threshold_in_use(tmp_path, spelling) == f1
     with pytest.raises(ConfigError, match="no threshold fitted"):
         threshold_in_use(tmp_path, "fpr:0.2")
+
+
+def test_a_folder_saved_before_the_fixed_rule_still_loads(fitted, tmp_path):
+    import json
+
+    folder = fitted.save(tmp_path / "old")
+    state = json.loads((folder / "estimator.json").read_text())
+    for key in ("intensity", "fitted_on", "calibration_scores", "pixel_threshold"):
+        state.pop(key)
+    (folder / "estimator.json").write_text(json.dumps(state))
+    loaded = AnomalyDetector.load(folder)
+    X = phantoms_uint8(3, 11)
+    np.testing.assert_allclose(loaded.decision_function(X), fitted.decision_function(X), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="fit it again"):
+        loaded.predict_proba(X)
