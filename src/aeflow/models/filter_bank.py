@@ -128,7 +128,6 @@ class FilterBank(AnomalyModel):
                 groups.append([kernel.real, kernel.imag])
         groups += [[kernel] for kernel in swt_kernels(wavelet, wavelet_levels)]
         self.groups = [[torch.tensor(k, dtype=torch.float32) for k in group] for group in groups]
-        self.n_channels = len(groups) + fourier_bands
         self.register_buffer("energy_mean", torch.empty(0))  # C x H x W, filled by fit()
         self.register_buffer("energy_std", torch.empty(0))  # C x H x W, epsilon included
 
