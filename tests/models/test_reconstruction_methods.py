@@ -103,12 +103,12 @@ def test_mnad_memory_read_and_update_follow_the_paper():
 
     read = memory.read(queries)
     w = torch.tensor([[math.exp(0.8), math.exp(0.6)], [math.exp(0.6), math.exp(0.8)], [1.0, math.e]])
-    w = w / w.sum(1, keepdim=True)  # softmax over the items (eq. 1)
+    w = w / w.sum(1, keepdim=True)  # softmax over the items
     torch.testing.assert_close(read, torch.cat([queries, w @ memory.items], 1))
 
     memory.update(queries)
     # Item 1 has one query: v' = 1. Item 2 has queries 2 and 3, v (softmax over queries) is e^0.8 and e^1 over the
-    # same sum, so v' = e^-0.2 and 1 (eq. 4-5), then the L2 norm.
+    # same sum, so v' = e^-0.2 and 1, then the L2 norm.
     expected_1 = torch.tensor([1.8, 0.6])
     expected_2 = torch.tensor([0.0, 1.0]) + math.exp(-0.2) * queries[1] + queries[2]
     expected = torch.stack([expected_1 / expected_1.norm(), expected_2 / expected_2.norm()])

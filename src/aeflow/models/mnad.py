@@ -6,18 +6,18 @@ Read top to bottom like the paper's method section:
 1. Encoder: the image is encoded into an H/16 x W/16 map of queries q^k (C channels each, L2-normalised); every
    spatial position is one query.
 2. Memory read: M memory items p_m (unit vectors, "prototypical features of normal patterns") are read with
-   attention: w^k_m = softmax_m(p_m^T q^k) (eq. 1), p_hat^k = sum_m w^k_m p_m (eq. 2), and the decoder sees the
+   attention: w^k_m = softmax_m(p_m^T q^k), p_hat^k = sum_m w^k_m p_m, and the decoder sees the
    concatenation [q^k, p_hat^k] (2C channels).
 3. Memory update (training only): every query votes for its nearest item; with v^k_m = softmax over the queries k
-   of p_m^T q^k (eq. 3) and U_m the queries whose nearest item is m,
-   p_m <- f(p_m + sum_{k in U_m} v'^k_m q^k), v'^k_m = v^k_m / max_{k' in U_m} v^{k'}_m, f the L2 norm (eq. 4-5).
+   of p_m^T q^k and U_m the queries whose nearest item is m,
+   p_m <- f(p_m + sum_{k in U_m} v'^k_m q^k), v'^k_m = v^k_m / max_{k' in U_m} v^{k'}_m, f the L2 norm.
    The items are updated by this rule, not by gradient descent.
-4. Loss: L = L_rec + lambda_c L_compact + lambda_s L_separate (eq. 6-9): the squared reconstruction error; the
+4. Loss: L = L_rec + lambda_c L_compact + lambda_s L_separate: the squared reconstruction error; the
    feature compactness loss ||q^k - p_p||^2 (p_p the nearest item: queries gather around their prototype); the
    feature separateness loss [||q^k - p_p||^2 - ||q^k - p_n||^2 + alpha]_+ (p_n the second nearest: items stay
-   apart), margin alpha = 1. lambda_c = lambda_s = 0.1, the published defaults.
-5. Score (eq. 10-12): P = PSNR(I_hat, I) = 10 log10(max(I_hat)^2 / MSE) and D = mean_k ||q^k - p_p||^2;
-   S = lambda (1 - g(P)) + (1 - lambda) g(D), lambda = 0.6, g a min-max normalisation. The pixel map is the
+   apart), margin alpha = 1; lambda_c = lambda_s = 0.1, the authors' released defaults.
+5. Score: P = PSNR(I_hat, I) = 10 log10(max(I_hat)^2 / MSE) and D = mean_k ||q^k - p_p||^2;
+   S = lambda (1 - g(P)) + (1 - lambda) g(D), g a min-max normalisation; lambda = 0.6, the released default. The pixel map is the
    (smoothed) reconstruction residual.
 
 Departures from the paper, and why:
@@ -71,13 +71,13 @@ class Memory(nn.Module):
         self.register_buffer("items", F.normalize(torch.randn(items, dim), dim=1))
 
     def read(self, queries: torch.Tensor) -> torch.Tensor:
-        """N x C unit queries -> N x 2C: each query concatenated with its attention read of the memory (eq. 1-2)."""
+        """N x C unit queries -> N x 2C: each query concatenated with its attention read of the memory."""
         weights = (queries @ self.items.T).softmax(dim=1)
         return torch.cat([queries, weights @ self.items], dim=1)
 
     @torch.no_grad()
     def update(self, queries: torch.Tensor) -> None:
-        """The paper's weighted update (eq. 3-5) with the N x C queries of a training batch."""
+        """The paper's weighted update with the N x C queries of a training batch."""
         scores = queries @ self.items.T  # N x M
         nearest = F.one_hot(scores.argmax(dim=1), len(self.items)).to(scores.dtype)
         votes = scores.softmax(dim=0) * nearest  # v^k_m, kept only for the queries in U_m
@@ -92,13 +92,13 @@ class Memory(nn.Module):
 
 
 def compactness_loss(queries: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-    """Mean over queries of ||q^k - p_p||^2 (eq. 8)."""
+    """Mean over queries of ||q^k - p_p||^2."""
     return (queries - nearest).pow(2).sum(1).mean()
 
 
 def separateness_loss(queries: torch.Tensor, nearest: torch.Tensor, second: torch.Tensor,
                       margin: float = 1.0) -> torch.Tensor:
-    """Mean over queries of [||q^k - p_p||^2 - ||q^k - p_n||^2 + margin]_+ (eq. 9)."""
+    """Mean over queries of [||q^k - p_p||^2 - ||q^k - p_n||^2 + margin]_+."""
     return F.relu((queries - nearest).pow(2).sum(1) - (queries - second).pow(2).sum(1) + margin).mean()
 
 
