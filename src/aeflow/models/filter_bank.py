@@ -159,9 +159,9 @@ class FilterBank(AnomalyModel):
     @torch.no_grad()
     def fit(self, loader) -> None:
         """One pass over normal images: per-position, per-channel moments of the log energies."""
-        moments = Moments()
+        moments, device = Moments(), self.energy_mean.device
         for batch in loader:
-            moments.add(self.energies(batch.image))
+            moments.add(self.energies(batch.image.to(device)))
         if moments.count < 2:
             raise DataError(f"the filter-bank model needs at least 2 training images; got {moments.count}")
         mean, std = moments.mean_std()
