@@ -29,12 +29,14 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from aeflow.data.sources import SYNTHETIC_PREFIX, RawImage, join_source, split_source  # noqa: F401 (public)
+from aeflow.data.synthetic import read_synthetic
 from aeflow.errors import BadFileError, TooLargeError
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -55,8 +57,6 @@ MAX_FRAMES = 2**16
 #: Most bytes one npz array may decompress to (checked from its header, before decompressing).
 MAX_NPZ_BYTES = 2**32
 
-SYNTHETIC_PREFIX = "synthetic:"
-
 # Options each format accepts after '#'.
 _SOURCE_OPTIONS = {
     "dicom": {"frame"},
@@ -65,14 +65,6 @@ _SOURCE_OPTIONS = {
     "npz": {"split", "index"},
     "image": set(),
 }
-
-
-@dataclass
-class RawImage:
-    """Decoded pixels in native units: H x W, or H x W x 3 for colour (alpha is dropped)."""
-
-    array: np.ndarray
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,36 +96,6 @@ def check_resize(source: str, size: tuple[int, int], target: tuple[int, int], ma
                                                      f"{max_pixels} (aspect ratio too extreme)")
 
 
-def split_source(source: str) -> tuple[str, dict[str, str]]:
-    """'file.nii.gz#axis=2,slice=4' -> ('file.nii.gz', {'axis': '2', 'slice': '4'}).
-
-    The options follow the LAST '#'. A name that is itself an existing file ('hash#frame=1.png') has no options,
-    and neither has a name whose tail does not read as key=value pairs unless the part before it exists (then
-    the tail is reported as unparseable), so file names with '#' are read, not misparsed.
-    """
-    source = str(source)
-    path, sep, fragment = source.rpartition("#")
-    synthetic = source.startswith(SYNTHETIC_PREFIX)
-    if not sep or (not synthetic and os.path.lexists(source)):
-        return source, {}
-    options = {}
-    for item in filter(None, fragment.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            if synthetic or os.path.lexists(path):
-                raise BadFileError(path, f"cannot parse '#{fragment}': expected key=value pairs")
-            return source, {}
-        options[key.strip()] = value.strip()
-    return path, options
-
-
-def join_source(path: str | Path, **options) -> str:
-    """Inverse of split_source."""
-    if not options:
-        return str(path)
-    return f"{path}#" + ",".join(f"{k}={v}" for k, v in options.items())
-
-
 def file_kind(path: str | Path) -> str | None:
     """'image', 'tiff', 'dicom', 'nifti', 'npz', or None for files aeflow does not read."""
     name = str(path).lower()
@@ -152,8 +114,6 @@ def read_raw(source: str, *, max_pixels: int = MAX_PIXELS, resize_to: tuple[int,
     """
     source = str(source)
     if source.startswith(SYNTHETIC_PREFIX):
-        from aeflow.data.synthetic import read_synthetic  # deferred: synthetic imports this module
-
         raw = read_synthetic(source)
     else:
         raw = _read_file(source, Limits(max_pixels, resize_to))

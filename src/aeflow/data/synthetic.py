@@ -19,7 +19,7 @@ import functools
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from aeflow.data.readers import SYNTHETIC_PREFIX, RawImage, join_source, split_source
+from aeflow.data.sources import SYNTHETIC_PREFIX, RawImage, join_source, split_source
 from aeflow.errors import BadFileError, ConfigError
 
 ANOMALY_TYPES = ("bright_lesion", "dark_lesion")
