@@ -34,6 +34,7 @@ class AnomalyModel(nn.Module):
 
     name: str = "base"
     trained_by_gradient: bool = True
+    gives_pixel_maps: bool = True  # False: predict's anomaly_map is the image score at every pixel
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
