@@ -2,10 +2,13 @@
 
     GET  /         the web page (self-contained: no CDN, works offline)
     GET  /health   {"status": "ok", ...}
-    GET  /model    model name, image size, backbone, threshold and rule, training data summary
+    GET  /model    model name, image size, backbone, threshold and rule, training data summary, and the score
+                   axis every result is drawn on (`score_axis`, fixed for the run: see `score_axis`)
+    GET  /colour_bar.png   the heat map's colour scale, low (left) to high (right)
     POST /predict  multipart/form-data with the image in field "file" (PNG, JPEG, TIFF or DICOM; ?frame=N picks a
                    frame of a multi-frame DICOM or a page of a multi-page TIFF) ->
-                   {pred_score, pred_label, threshold, threshold_rule, anomaly_map_png, width, height, format}
+                   {pred_score, pred_label, threshold, threshold_rule, anomaly_map_png, image_png, map_range,
+                    width, height, format}
 
 Uploads are checked before any decoding: the body is streamed with a cap (413 when a declared Content-Length or
 the bytes actually received exceed it) and a time limit (408 when the whole body takes longer than
@@ -30,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import csv
 import hashlib
 import html
 import logging
+import math
 import os
 import re
 import socket
@@ -44,22 +49,30 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 import aeflow
 from aeflow.errors import AeflowError, BadFileError, TooLargeError
-from aeflow.serving.runtime import LoadedRun, json_float, png_base64, render_overlay
+from aeflow.evaluation.thresholds import Threshold
+from aeflow.serving.runtime import OVERLAY_MIN_SIDE, LoadedRun, json_float, png_base64, png_bytes, render_overlay
 
 #: Extension the data layer needs to pick its decoder, by sniffed type.
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "dicom": ".dcm"}
 #: Multipart framing (boundaries, part headers) allowed on top of the file itself.
 _MULTIPART_OVERHEAD = 64 * 1024
 _MAX_PARTS = 4
+#: Per-image scores `aeflow test` writes into the run folder (aeflow.evaluation.assess.write_scores).
+SCORES_FILE = "scores.csv"
+#: The heat map's colour map (as in runtime.render_overlay) and the percentiles of the map its ends stand for.
+COLOUR_MAP = "jet"
+MAP_PERCENTILES = (1.0, 99.5)
 log = logging.getLogger("aeflow.serving")
 
 
@@ -199,6 +212,7 @@ class _Service:
         threshold = self.run.threshold
         overlay = render_overlay(sample.image.numpy(), result.anomaly_map, result.pred_score, result.pred_label,
                                  threshold.value)
+        low, high = np.percentile(result.anomaly_map, MAP_PERCENTILES)
         height, width = sample.meta["original_size"]
         return {
             "pred_score": json_float(result.pred_score),
@@ -206,6 +220,8 @@ class _Service:
             "threshold": json_float(threshold.value),
             "threshold_rule": threshold.rule,
             "anomaly_map_png": png_base64(overlay),
+            "image_png": png_base64(render_plain(sample.image.numpy(), overlay.size)),
+            "map_range": [json_float(float(low)), json_float(float(high))],
             "width": int(width),
             "height": int(height),
             "format": kind,
@@ -224,6 +240,8 @@ def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: in
     """
     run = run or LoadedRun(run_dir, threshold_rule=threshold_rule)
     service = _Service(run, int(max_upload_mb * 1024 * 1024), int(max_pixels))
+    axis = score_axis(run.run_dir, run.threshold)
+    colour_bar = png_bytes(render_colour_bar())
     page = resources.files("aeflow.serving").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="aeflow", version=aeflow.__version__,
                   description="Anomaly scores and heat maps for medical images from a trained aeflow run.",
@@ -262,7 +280,11 @@ def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: in
     @app.get("/model")
     def model() -> dict:
         return {**public_metadata(service.run.metadata()), "max_upload_bytes": service.max_bytes,
-                "max_pixels": service.max_pixels}
+                "max_pixels": service.max_pixels, "score_axis": axis}
+
+    @app.get("/colour_bar.png", include_in_schema=False)
+    def colour_bar_png() -> Response:
+        return Response(colour_bar, media_type="image/png")
 
     @app.post("/predict")
     async def predict(request: Request, frame: int = Query(0, ge=0, le=2**16, description="frame or page to score")
@@ -276,6 +298,56 @@ def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: in
             return api_page(app.openapi())
 
     return app
+
+
+def validation_scores(run_dir: str | Path) -> np.ndarray | None:
+    """The finite validation scores `aeflow test` kept in the run's scores.csv, or None when it has none (a run not
+    tested yet, a file without a 'val' split, a file that does not read as one)."""
+    try:
+        with open(Path(run_dir) / SCORES_FILE, newline="") as f:
+            values = [float(row["pred_score"]) for row in csv.DictReader(f) if row.get("split") == "val"]
+    except (OSError, KeyError, TypeError, ValueError, csv.Error):
+        return None
+    values = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    return values if values.size >= 2 else None
+
+
+def score_axis(run_dir: str | Path, threshold: Threshold) -> dict:
+    """The score axis every result of this run is drawn on, fixed once for the run so that two images' markers can
+    be compared: from the 1st to the 99th percentile of the run's validation scores (scores.csv), widened to take
+    the threshold, plus 5% on each side. {low, high, source, n_validation}; low and high are None when the run
+    has no validation scores (the page then fixes the axis from the threshold and the first image it scores)."""
+    scores = validation_scores(run_dir)
+    cut = threshold.value if math.isfinite(threshold.value) else None
+    if scores is None:
+        return {"low": None, "high": None, "n_validation": 0,
+                "source": "the run has no validation scores (scores.csv, written by aeflow test): the axis is fixed "
+                          "from the threshold and the first image scored here"}
+    low, high = (float(v) for v in np.percentile(scores, (1.0, 99.0)))
+    if cut is not None:
+        low, high = min(low, cut), max(high, cut)
+    pad = 0.05 * (high - low) or 0.25 * abs(high) or 1.0
+    return {"low": low - pad, "high": high + pad, "n_validation": int(scores.size),
+            "source": f"1st to 99th percentile of the run's {scores.size} validation scores"
+                      + (" and the threshold" if cut is not None else "")}
+
+
+def render_plain(image: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The model's input (C x H x W or H x W in [0, 1]; gray, or colour for 3 channels), drawn at `size` (the
+    overlay's) to sit beside it."""
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 3:
+        pixels = pixels.transpose(1, 2, 0) if pixels.shape[0] == 3 else pixels.mean(0)
+    picture = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8))
+    return picture if picture.size == tuple(size) else picture.resize(size, Image.Resampling.BILINEAR)
+
+
+def render_colour_bar(width: int = OVERLAY_MIN_SIDE, height: int = 14) -> Image.Image:
+    """The heat map's colour map from low (left) to high (right), as an image for the page."""
+    from matplotlib import colormaps
+
+    row = (colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, width))[:, :3] * 255).round().astype(np.uint8)
+    return Image.fromarray(np.repeat(row[None], height, axis=0))
 
 
 def security_headers(page: str) -> dict[str, str]:
