@@ -46,7 +46,7 @@ def test_upload_shows_overlay_score_bar_and_verdict(run_dir, browser, tmp_path):
     with background_server(create_app(run_dir, run=loaded)) as url:
         page = browser.new_page()
         page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('aeflow')")
+        page.locator("#model", has_text="aeflow").wait_for()  # no wait_for_function: the CSP forbids eval
         page.set_input_files("#file", str(image))
         page.wait_for_selector("#result.shown", timeout=30_000)
         verdict = page.inner_text("#verdict")
@@ -143,8 +143,7 @@ AXIS_STATE = """() => [...document.querySelectorAll('#bar .tick')].map((t) =>
 
 def _upload_and_read(page, image: Path) -> dict:
     page.set_input_files("#file", str(image))
-    page.wait_for_function("(name) => document.getElementById('size').textContent.startsWith(name)",
-                           arg=image.name, timeout=30_000)
+    page.locator("#size", has_text=f"{image.name}:").wait_for(timeout=30_000)
     return {"ticks": page.evaluate(AXIS_STATE), "marker": page.evaluate("document.getElementById('marker').style.left"),
             "score": page.inner_text("#score"), "source": page.inner_text("#axis-source")}
 
@@ -166,7 +165,7 @@ def test_two_images_one_axis_plain_image_colour_bar_and_an_error_clears(which, t
     with background_server(create_app(folder, run=loaded)) as url:
         page = browser.new_page(viewport={"width": 1000, "height": 1100})
         page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('aeflow')")
+        page.locator("#model", has_text="aeflow").wait_for()  # no wait_for_function: the CSP forbids eval
         first = _upload_and_read(page, images[0])
         page.screenshot(path=str(tmp_path / f"{which}_first.png"), full_page=True)
         second = _upload_and_read(page, images[1])
