@@ -64,7 +64,8 @@ def test_public_names_stay_importable_and_synthetic_loads_first():
     from aeflow.data.synthetic import phantom_source
 
     source = phantom_source(0, 3, 32, 0.5, "good")
-    assert source.startswith(SYNTHETIC_PREFIX) and split_source(join_source("a.nii", slice=2)) == ("a.nii", {"slice": "2"})
+    assert source.startswith(SYNTHETIC_PREFIX)
+    assert split_source(join_source("a.nii", slice=2)) == ("a.nii", {"slice": "2"})
     raw = read_raw(source)
     assert isinstance(raw, RawImage) and (raw.array == make_phantom(0, 3, size=32)[0]).all()
     # importing the generator alone, first in a fresh interpreter, works (it needs nothing from the readers)

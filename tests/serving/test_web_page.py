@@ -1,4 +1,5 @@
-"""The web page in headless Chromium: choose an image, see it beside its heat map with a colour bar, the score on an\naxis fixed for the run against the threshold, the verdict; an error clears the previous result."""
+"""The web page in headless Chromium: choose an image, see it beside its heat map with a colour bar, the score on an
+axis fixed for the run against the threshold, the verdict; an error clears the previous result."""
 
 from __future__ import annotations
 
