@@ -321,8 +321,8 @@ def score_axis(run_dir: str | Path, threshold: Threshold) -> dict:
     cut = threshold.value if math.isfinite(threshold.value) else None
     if scores is None:
         return {"low": None, "high": None, "n_validation": 0,
-                "source": "the run has no validation scores (scores.csv, written by aeflow test): the axis is fixed "
-                          "from the threshold and the first image scored here"}
+                "source": "fixed from the threshold and the first image scored, as the run has no validation "
+                          "scores (aeflow test writes them to scores.csv)"}
     low, high = (float(v) for v in np.percentile(scores, (1.0, 99.0)))
     if cut is not None:
         low, high = min(low, cut), max(high, cut)
