@@ -35,7 +35,7 @@ settings (EfficientNet-B5 weights are not available offline).
 Status: on the 96 px synthetic phantoms, 2 blocks, 32 hidden channels and 60 Adam steps, image AUROC 0.86-0.88 and
 pixel AUROC 0.86 (tests/models/test_glow_csflow.py). On the boards (64 px, 4 epochs, 64 hidden channels;
 docs/results/rows_flows.md): magnetic tiles 0.926 +- 0.012 image AUROC (pixel AUROC 0.62: the stride-4 map at 64 px
-is 16 x 16 against defects covering ~0.5% of the image), PneumoniaMNIST see there.
+is 16 x 16 against defects covering ~0.5% of the image); PneumoniaMNIST 0.815 +- 0.019.
 """
 
 from __future__ import annotations

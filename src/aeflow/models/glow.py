@@ -41,7 +41,7 @@ Known caveat: likelihoods of flows on images are dominated by low-level statisti
 to detect out-of-distribution data"): smooth, low-contrast images get high likelihood whatever they show, because
 the flow learns local pixel correlations rather than semantics. An anomaly that makes an image smoother (e.g. a
 pneumonia X-ray, whose opacities lower contrast) can then score as MORE normal. Measured on the boards (64 px,
-4 epochs, docs/results/rows_flows.md): PneumoniaMNIST test AUROC 0.19 and 0.12 (seeds 0, 1), i.e. inverted, with a
+4 epochs, docs/results/rows_flows.md): PneumoniaMNIST test AUROC 0.16 +- 0.04 over 3 seeds, i.e. inverted, with a
 Spearman correlation of 0.73-0.88 between the image's bits/dim and its mean absolute neighbour-pixel difference
 (sharpness); magnetic tiles 0.54 +- 0.02, where that correlation is 0.94-0.95, so the score is almost only the
 image's sharpness, which does not tell defects from normal tiles there (AUROC 0.47-0.51 on its own).
