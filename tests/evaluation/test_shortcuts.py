@@ -88,7 +88,7 @@ def test_aeflow_test_writes_the_audit_and_per_image_scores(tmp_path):
                  "batch_size": 8, "max_epochs": 1, "progress_bar": False, "accelerator": "cpu"}, tmp_path / "run")
     metrics = evaluate_run(run, device="cpu")
     stored = json.loads((run / "metrics.json").read_text())
-    assert stored["shortcut/best"] in ("mean", "contrast", "dark_fraction")
+    assert stored["shortcut/best"] in ("mean", "contrast", "dark_fraction", "sharpness")
     # the audit's number is the statistic's AUROC on this run's own test split, in the direction validation chose
     splits = DataSplits.from_records(load_splits(run), image_size=64, channels=1, validate=False)
     test_stats, val_stats = dataset_statistics(splits.test), dataset_statistics(splits.val)
@@ -123,10 +123,10 @@ def test_feature_knn_is_the_distance_to_the_nearest_training_normal():
     labels = data.test.labels
     assert (test_scores > 1e-4).all() and np.isfinite(test_scores).all()
     # it joins the audit as a label-free detector of fixed direction, eligible as the best on validation
-    result = audit({n: np.ones(len(val)) for n in ("mean", "contrast", "dark_fraction", "aspect_ratio",
-                                                    "file_size")}, np.r_[[0, 0], data.val.labels],
-                   {n: np.ones(len(labels)) for n in ("mean", "contrast", "dark_fraction", "aspect_ratio",
-                                                       "file_size")}, labels, 0.99,
+    result = audit({n: np.ones(len(val)) for n in ("mean", "contrast", "dark_fraction", "sharpness",
+                                                    "aspect_ratio", "file_size")}, np.r_[[0, 0], data.val.labels],
+                   {n: np.ones(len(labels)) for n in ("mean", "contrast", "dark_fraction", "sharpness",
+                                                       "aspect_ratio", "file_size")}, labels, 0.99,
                    detectors={"knn_features": ("farther = anomalous", val_scores, test_scores)})
     assert result["best"] == "knn_features"
     assert result["best_test_AUROC"] == pytest.approx(roc_auc_score(labels, test_scores))
@@ -148,3 +148,14 @@ def test_the_report_shows_what_the_data_has_and_the_root_as_given():
     none = SimpleNamespace(labels=np.array([0, 1]))
     assert _data_summary(records, none, none, given_root="data/link")["root"] == "data/link"
     assert _data_summary(records, none, none)["root"] == "/data/resolved/target"
+
+
+def test_sharpness_is_the_mean_neighbour_difference():
+    """A 2 x 3 image [[0, 1, 0], [0, 0, 0]]: horizontal differences 1, 1, 0, 0 and vertical 0, 1, 0 -> 3 / 7; a
+    constant image has none; a checkerboard the most."""
+    from aeflow.evaluation.shortcuts import _sharpness, image_statistics
+
+    assert _sharpness(np.array([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])) == pytest.approx(3 / 7)
+    flat, board = np.full((1, 8, 8), 0.5), (np.indices((8, 8)).sum(0) % 2)[None].astype(float)
+    stats = image_statistics([flat, board], [(8, 8), (8, 8)], ["a.png", "b.png"])
+    assert stats["sharpness"].tolist() == [0.0, 1.0]

@@ -157,12 +157,21 @@ def test_every_registered_model_fits_its_own_saved_config(tmp_path):
     from aeflow.training.checkpoint import checkpoint_shapes
     from aeflow.training.schema import check_model_options, check_weights_fit, model_keywords
 
+    checked = []
     for name in available_models():
         parameters, _ = model_keywords(_REGISTRY[name])
         kwargs = {k: v for k, v in (("pretrained", False), ("backbone", "efficientnet_lite0")) if k in parameters}
-        model = create_model(name, **kwargs)
+        try:
+            model = create_model(name, **kwargs)
+        except ConfigError as error:
+            # The zero-shot models need their optional extra; without it they refuse to build, saying how to get it.
+            if "pip install 'aeflow[zeroshot]'" in str(error):
+                continue
+            raise
+        checked.append(name)
         path = tmp_path / f"{name}.safetensors"
         save_checkpoint({"model": name, "config": model.config(), "state_dict": model.state_dict()}, path)
         config = json.loads(json.dumps(model.config()))  # as config.json holds it
         check_model_options(name, config)
         check_weights_fit(name, {**config, **kwargs}, checkpoint_shapes(path, model_file=True), path, "config.json")
+    assert {"aeflow", "padim", "patchcore", "supervised_probe"} <= set(checked)

@@ -7,6 +7,10 @@ and resize) or from the source file:
     mean            mean intensity
     contrast        standard deviation of the intensities (RMS contrast)
     dark_fraction   share of pixels below 0.1
+    sharpness       mean absolute difference between neighbouring pixels (horizontal and vertical): how much fine
+                    detail the image has. On PneumoniaMNIST it ranks the test split at 0.915 with its direction
+                    chosen on validation (docs/results/rows_flows.md), above every model there, and Glow's
+                    bits/dim follows it (rank correlation 0.73-0.95)
     aspect_ratio    width / height of the source image (before resizing)
     file_size       bytes of the source file (the same for every image of an .npz: then left out)
 
@@ -36,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 
 from aeflow.data.readers import split_source
 
-STATISTICS = ("mean", "contrast", "dark_fraction", "aspect_ratio", "file_size")
+STATISTICS = ("mean", "contrast", "dark_fraction", "sharpness", "aspect_ratio", "file_size")
 #: How close (in AUROC) a trivial statistic may come to the model before the audit warns.
 MARGIN = 0.02
 
@@ -50,10 +54,18 @@ def image_statistics(images: Iterable[np.ndarray], sizes: Iterable[tuple[int, in
         values["mean"].append(float(pixels.mean()))
         values["contrast"].append(float(pixels.std()))
         values["dark_fraction"].append(float((pixels < 0.1).mean()))
+        values["sharpness"].append(_sharpness(pixels))
         values["aspect_ratio"].append(width / height if height else float("nan"))
         file = split_source(path)[0]
         values["file_size"].append(float(os.path.getsize(file)) if os.path.isfile(file) else float("nan"))
     return {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}
+
+
+def _sharpness(pixels: np.ndarray) -> float:
+    """Mean absolute difference of horizontally and vertically neighbouring pixels (C x H x W or H x W)."""
+    across = np.abs(np.diff(pixels, axis=-1))
+    down = np.abs(np.diff(pixels, axis=-2))
+    return float((across.sum() + down.sum()) / max(across.size + down.size, 1))
 
 
 def dataset_statistics(dataset) -> dict[str, np.ndarray]:
