@@ -23,9 +23,9 @@ from torch import nn
 
 from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
-from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, register
+from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, ScoreCollection, register
 from aeflow.nn.backbones import create_backbone
-from aeflow.nn.blocks import adopt_buffer_shapes, gaussian_blur, stage_modules, stage_outputs
+from aeflow.nn.blocks import Moments, adopt_buffer_shapes, gaussian_blur, stage_modules, stage_outputs
 from aeflow.nn.flow import INPUT_NORMS, SUBNETS, FlowBottleneck, bits_per_dim, standard_normal_log_prob
 
 SCORE_MODES = ("paper", "standardized", "validated")
@@ -73,38 +73,23 @@ class Decoder(nn.Sequential):
         super().__init__(*layers)
 
 
-class CalibrationSet:
-    """Score components (and the two pixel maps' sums over normal images) of the validation images, with their
-    labels: what `AEFlow.fit_calibration` needs. Filled batch by batch, by `AEFlow.calibrate` or by the training
-    loop's validation pass (aeflow.training.module), so both fit the calibration the same way."""
+class CalibrationSet(ScoreCollection):
+    """A ScoreCollection plus what AE-FLOW's maps need from the normal validation images: both pixel maps' sums and
+    the decoded stage's z' per position (`AEFlow.fit_calibration`)."""
 
     def __init__(self):
-        self.scores: dict[str, list[torch.Tensor]] = {}
-        self.labels: list[torch.Tensor] = []
+        super().__init__()
         self.map_sums = torch.zeros(2, 3, dtype=torch.float64)  # per map: count, sum, sum of squares
-        # Per position and channel: count, sum and sum of squares of the decoded stage's z' over normal images.
-        self.latent_sums: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.latent = Moments()  # the decoded stage's z' per position and channel, over normal images
 
     def add(self, parts: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        for name, value in parts.items():
-            if name.startswith("score_"):
-                self.scores.setdefault(name, []).append(value.detach().double().cpu())
-        labels = labels.detach().cpu()
-        self.labels.append(labels)
-        normal = labels <= 0
+        super().add(parts, labels)
+        normal = labels.detach().cpu() <= 0
         for i, key in enumerate(("map_residual", "map_flow")):
             values = parts[key].detach()[normal.to(parts[key].device)].double().cpu()
             self.map_sums[i] += torch.stack([torch.tensor(values.numel()), values.sum(), values.pow(2).sum()])
         if "latent" in parts and bool(normal.any()):
-            latent = parts["latent"].detach()[normal.to(parts["latent"].device)].double().cpu()
-            count, total, total_sq = self.latent_sums or (0, 0.0, 0.0)
-            self.latent_sums = (count + len(latent), total + latent.sum(0), total_sq + latent.pow(2).sum(0))
-
-    def component(self, name: str) -> torch.Tensor:
-        return torch.cat(self.scores[name]) if self.scores.get(name) else torch.empty(0, dtype=torch.float64)
-
-    def label_tensor(self) -> torch.Tensor:
-        return torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long)
+            self.latent.add(parts["latent"][normal.to(parts["latent"].device)].cpu())
 
 
 @register("aeflow")
@@ -397,14 +382,12 @@ class AEFlow(AnomalyModel):
         """Mean and std of z' per position and channel over the normal images of `collected`. The std is floored
         at 1e-3 (z' of normal images has unit scale by training), so that a position where every normal image
         gives the same z' does not turn rounding noise into a large distance."""
-        if collected.latent_sums is None:
+        if collected.latent.count == 0:
             raise ConfigError("map_mode='position' needs the latent maps of normal images to calibrate on")
-        count, total, total_sq = collected.latent_sums
-        mean = total / count
-        std = ((total_sq - count * mean.pow(2)) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+        mean, std = collected.latent.mean_std()
         device = self.score_mean.device
-        self.position_mean = mean.float().to(device)
-        self.position_std = std.float().to(device)
+        self.position_mean = mean.to(device)
+        self.position_std = std.clamp_min(1e-3).to(device)
 
     def _fixed_blend(self) -> torch.Tensor:
         """The blend when no labels choose one: "standardized", beta on z(score_flow_nll); "validated", beta split

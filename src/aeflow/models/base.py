@@ -25,6 +25,28 @@ from aeflow.errors import ConfigError
 MIN_VALIDATION_PER_CLASS = 20
 
 
+class ScoreCollection:
+    """Score components (`score_*` outputs) of validation images with their labels: what a model's
+    `fit_calibration` needs (AE-FLOW, MNAD). Filled batch by batch, by the model's `calibrate` or by the training
+    loop's validation pass (aeflow.training.module), so both fit the calibration the same way."""
+
+    def __init__(self):
+        self.scores: dict[str, list[torch.Tensor]] = {}
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, parts: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        for name, value in parts.items():
+            if name.startswith("score_"):
+                self.scores.setdefault(name, []).append(value.detach().double().cpu())
+        self.labels.append(labels.detach().cpu())
+
+    def component(self, name: str) -> torch.Tensor:
+        return torch.cat(self.scores[name]) if self.scores.get(name) else torch.empty(0, dtype=torch.float64)
+
+    def label_tensor(self) -> torch.Tensor:
+        return torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long)
+
+
 class AnomalyModel(nn.Module):
     """Trained on normal images; gives every image a score and every pixel an anomaly value.
 

@@ -35,7 +35,7 @@ from torch import nn
 from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
 from aeflow.models.base import AnomalyModel, register
-from aeflow.nn.blocks import ConvDecoder, ConvEncoder, check_image_size, conv_bn_act, perlin_noise
+from aeflow.nn.blocks import ConvDecoder, ConvEncoder, UNet, check_image_size, perlin_noise
 
 # --- anomaly simulation ----------------------------------------------------------------------------------------
 
@@ -134,31 +134,11 @@ class ReconstructiveNetwork(nn.Module):
         return self.decoder(predicted), F.mse_loss(predicted, z)
 
 
-class DiscriminativeUNet(nn.Module):
+class DiscriminativeUNet(UNet):
     """U-Net on [I_a, I_r] (2C channels) -> 2-class logits per pixel (normal, anomalous)."""
 
     def __init__(self, in_channels: int, widths: Sequence[int]):
-        super().__init__()
-        self.down, channels = nn.ModuleList(), in_channels
-        for width in widths:
-            self.down.append(nn.Sequential(conv_bn_act(channels, width), conv_bn_act(width, width)))
-            channels = width
-        self.up, self.fuse = nn.ModuleList(), nn.ModuleList()
-        for width in reversed(widths[:-1]):
-            self.up.append(nn.ConvTranspose2d(channels, width, 2, stride=2))
-            self.fuse.append(nn.Sequential(conv_bn_act(2 * width, width), conv_bn_act(width, width)))
-            channels = width
-        self.head = nn.Conv2d(channels, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for level, block in enumerate(self.down):
-            x = block(F.max_pool2d(x, 2) if level else x)
-            skips.append(x)
-        skips.pop()
-        for up, fuse in zip(self.up, self.fuse):
-            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+        super().__init__(in_channels, 2, widths)
 
 
 # --- the model ------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
 from aeflow.models.base import AnomalyModel, register
 from aeflow.models.draem import simulate_anomalies
-from aeflow.nn.blocks import check_image_size, conv_bn_act, gaussian_blur, top_k_mean
+from aeflow.nn.blocks import UNet, check_image_size, gaussian_blur, top_k_mean
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
 SOBEL_MAX = 4 * math.sqrt(2)  # largest Sobel magnitude on [0, 1] images (a step of 1 along both axes)
@@ -78,31 +78,12 @@ def sobel_edges(images: torch.Tensor) -> torch.Tensor:
 # --- 3. the U-Net -----------------------------------------------------------------------------------------------
 
 
-class EdgeUNet(nn.Module):
+class EdgeUNet(UNet):
     """U-Net (skip connections at every level) from the 1-channel edge map to the image, values in (0, 1)."""
 
     def __init__(self, out_channels: int, widths: Sequence[int]):
-        super().__init__()
-        self.down, channels = nn.ModuleList(), 1
-        for width in widths:
-            self.down.append(nn.Sequential(conv_bn_act(channels, width), conv_bn_act(width, width)))
-            channels = width
-        self.up, self.fuse = nn.ModuleList(), nn.ModuleList()
-        for width in reversed(widths[:-1]):
-            self.up.append(nn.ConvTranspose2d(channels, width, 2, stride=2))
-            self.fuse.append(nn.Sequential(conv_bn_act(2 * width, width), conv_bn_act(width, width)))
-            channels = width
-        self.head = nn.Sequential(nn.Conv2d(channels, out_channels, 1), nn.Sigmoid())
-
-    def forward(self, edges: torch.Tensor) -> torch.Tensor:
-        x, skips = edges, []
-        for level, block in enumerate(self.down):
-            x = block(F.max_pool2d(x, 2) if level else x)
-            skips.append(x)
-        skips.pop()
-        for up, fuse in zip(self.up, self.fuse):
-            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+        super().__init__(1, out_channels, widths)
+        self.head = nn.Sequential(self.head, nn.Sigmoid())
 
 
 # --- 4. the colour and gradient differences ---------------------------------------------------------------------

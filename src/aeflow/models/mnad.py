@@ -45,7 +45,7 @@ from torch import nn
 
 from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
-from aeflow.models.base import AnomalyModel, register
+from aeflow.models.base import AnomalyModel, ScoreCollection, register
 from aeflow.nn.blocks import (
     ConvDecoder,
     ConvEncoder,
@@ -100,27 +100,6 @@ def separateness_loss(queries: torch.Tensor, nearest: torch.Tensor, second: torc
                       margin: float = 1.0) -> torch.Tensor:
     """Mean over queries of [||q^k - p_p||^2 - ||q^k - p_n||^2 + margin]_+."""
     return F.relu((queries - nearest).pow(2).sum(1) - (queries - second).pow(2).sum(1) + margin).mean()
-
-
-class ScoreCollection:
-    """Image score components of validation images with their labels, what `MNAD.fit_calibration` needs; filled
-    by `MNAD.calibrate` or by the training loop's validation pass (aeflow.training.module)."""
-
-    def __init__(self):
-        self.scores: dict[str, list[torch.Tensor]] = {}
-        self.labels: list[torch.Tensor] = []
-
-    def add(self, parts: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        for name, value in parts.items():
-            if name.startswith("score_"):
-                self.scores.setdefault(name, []).append(value.detach().double().cpu())
-        self.labels.append(labels.detach().cpu())
-
-    def component(self, name: str) -> torch.Tensor:
-        return torch.cat(self.scores[name]) if self.scores.get(name) else torch.empty(0, dtype=torch.float64)
-
-    def label_tensor(self) -> torch.Tensor:
-        return torch.cat(self.labels) if self.labels else torch.empty(0, dtype=torch.long)
 
 
 # --- the model ------------------------------------------------------------------------------------------------

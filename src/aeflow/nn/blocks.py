@@ -26,6 +26,35 @@ def conv_bn_act(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequ
     )
 
 
+class UNet(nn.Module):
+    """A plain U-Net: per level two `conv_bn_act` (`widths`, max-pooled between levels), 2x2 stride-2
+    transposed convolutions up, the skip of each level concatenated, a 1x1 convolution to `out_channels` (logits:
+    no activation; a subclass may wrap `head`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, widths: Sequence[int]):
+        super().__init__()
+        self.down, channels = nn.ModuleList(), in_channels
+        for width in widths:
+            self.down.append(nn.Sequential(conv_bn_act(channels, width), conv_bn_act(width, width)))
+            channels = width
+        self.up, self.fuse = nn.ModuleList(), nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(channels, width, 2, stride=2))
+            self.fuse.append(nn.Sequential(conv_bn_act(2 * width, width), conv_bn_act(width, width)))
+            channels = width
+        self.head: nn.Module = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(F.max_pool2d(x, 2) if level else x)
+            skips.append(x)
+        skips.pop()
+        for up, fuse in zip(self.up, self.fuse):
+            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
 class ConvEncoder(nn.Sequential):
     """B x C x H x W -> B x widths[-1] x H/2^n x W/2^n, n = len(widths): every stage halves the size."""
 
