@@ -26,7 +26,8 @@ from aeflow.models import create_model
 from aeflow.models.cevae import CeVAE
 from aeflow.models.draem import DRAEM, simulate_anomalies
 from aeflow.models.fastflow import FastFlow
-from aeflow.models.padim import PaDiM, gaussian_precisions
+from aeflow.models.padim import PaDiM
+from aeflow.nn.blocks import gaussian_precisions
 from aeflow.models.patchcore import greedy_coreset, nearest_neighbours
 from aeflow.nn.blocks import FeatureStages
 

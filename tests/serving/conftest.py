@@ -56,6 +56,7 @@ def build_run(run_dir, *, threshold: bool = True):
     model = create_model("aeflow", **MODEL_KWARGS)
     with torch.no_grad():  # the first training step's forward pass fixes the flow's feature standardisation
         model.train()(phantoms(8, seed=1, size=IMAGE_SIZE))
+    model.fit_reference([phantoms(32, seed=3, size=IMAGE_SIZE)])  # training images: not the calibration ones
     model.calibrate([phantoms(8, seed=1, size=IMAGE_SIZE)])
     model.eval()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def test_presets_and_options():
     assert paper.model_kwargs == {"backbone": "wide_resnet50_2", "freeze_encoder": True, "flow_steps": 8,
                                   "subnet": "resnet", "alpha": 0.5, "beta": 0.9, "score_mode": "paper",
                                   "feature_norm": "channel", "stages": [16], "decoder": "transposed",
-                                  "map_mode": "residual"}
+                                  "map_mode": "residual", "reference": "none"}
     assert paper.select_on == "val_loss"
     chest = TrainConfig.from_dict({"preset": "paper_chest_xray", "model_kwargs": {"flow_steps": 4}})
     assert chest.lr == 1e-3 and chest.model_kwargs["subnet"] == "conv" and chest.model_kwargs["flow_steps"] == 4

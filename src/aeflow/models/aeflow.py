@@ -8,13 +8,17 @@ Read top to bottom like the paper's method section:
 4. Loss: alpha * L_flow + (1 - alpha) * L_recon, trained on normal images only.
 5. Score: S = beta * S_flow + (1 - beta) * S_recon; pixel map from the reconstruction residual.
 
+aeflow's default departs at step 5 (and feeds the flow from two encoder stages): the flow term of the score is the
+likelihood of z' under per-position Gaussians fitted to the z' of normal training images, not under the flow's
+own N(0, I) prior, and the map is the same quantity per position (see `reference` in the class docstring).
+
 Where this file departs from the paper, it says so and why (see the class docstring); `paper` and
 `paper_chest_xray` (aeflow.training.presets) switch every departure off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +29,28 @@ from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
 from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, ScoreCollection, register
 from aeflow.nn.backbones import create_backbone
-from aeflow.nn.blocks import Moments, adopt_buffer_shapes, gaussian_blur, stage_modules, stage_outputs
+from aeflow.nn.blocks import (
+    PositionGaussians,
+    adopt_buffer_shapes,
+    gaussian_blur,
+    mahalanobis_squared,
+    stage_modules,
+    stage_outputs,
+)
 from aeflow.nn.flow import INPUT_NORMS, SUBNETS, FlowBottleneck, bits_per_dim, standard_normal_log_prob
 
 SCORE_MODES = ("paper", "standardized", "validated")
 MAP_MODES = ("residual", "flow", "fused", "position")
 DECODERS = ("transposed", "upsample")
-# Order of the per-component calibration buffers.
+REFERENCES = ("none", "position")
+# Order of the per-component calibration buffers; a reference adds score_position and, with several stages, one
+# score_position_s<stride> per stage (`AEFlow.components`).
 SCORE_COMPONENTS = ("score_flow", "score_recon", "score_flow_nll", "score_flow_max")
-# The components the standardized / validated blends weigh (score_flow ranks like -mean log N(z'), which the
-# full NLL supersedes: it is kept for the paper's blend and for comparison).
+# The flow components the validated blend weighs besides the reference's (score_flow ranks like -mean log N(z'),
+# which the full NLL supersedes: it is kept for the paper's blend and for comparison).
 BLENDED = ("score_flow_nll", "score_flow_max", "score_recon")
+# The per-position Gaussians of the reference: covariance + REFERENCE_EPSILON * I (PaDiM's 0.01; z' has unit scale).
+REFERENCE_EPSILON = 0.01
 BLEND_GRID_STEP = 0.05
 # Smallest std a component is z-scored with, relative to its mean magnitude: variation below 0.1% of the value
 # counts as none (float32 rounding through a deep network reaches 1e-6..1e-5 relative).
@@ -74,13 +89,12 @@ class Decoder(nn.Sequential):
 
 
 class CalibrationSet(ScoreCollection):
-    """A ScoreCollection plus what AE-FLOW's maps need from the normal validation images: both pixel maps' sums and
-    the decoded stage's z' per position (`AEFlow.fit_calibration`)."""
+    """A ScoreCollection plus what the "fused" map needs from the normal validation images: both pixel maps' sums
+    (`AEFlow.fit_calibration`)."""
 
     def __init__(self):
         super().__init__()
         self.map_sums = torch.zeros(2, 3, dtype=torch.float64)  # per map: count, sum, sum of squares
-        self.latent = Moments()  # the decoded stage's z' per position and channel, over normal images
 
     def add(self, parts: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         super().add(parts, labels)
@@ -88,8 +102,6 @@ class CalibrationSet(ScoreCollection):
         for i, key in enumerate(("map_residual", "map_flow")):
             values = parts[key].detach()[normal.to(parts[key].device)].double().cpu()
             self.map_sums[i] += torch.stack([torch.tensor(values.numel()), values.sum(), values.pow(2).sum()])
-        if "latent" in parts and bool(normal.any()):
-            self.latent.add(parts["latent"][normal.to(parts["latent"].device)].cpu())
 
 
 @register("aeflow")
@@ -107,9 +119,24 @@ class AEFlow(AnomalyModel):
       FastFlow does, so the flow models the features' structure, not the image's overall feature scale (which
       follows its contrast); the likelihood is then that of the normalised map. "channel" standardises per
       channel with fixed training statistics and keeps the likelihood of z itself.
-    - `stages`: the encoder strides whose features each get a flow, [16] in the paper. [8, 16] adds a flow on
-      the stride-8 stage, so that a 64-px image is not seen only as a 4 x 4 map; the decoder still decodes the
-      stride-16 z', the flow loss and scores average the stages.
+    - `stages`: the encoder strides whose features each get a flow, [16] in the paper. [8, 16] (default) adds a
+      flow on the stride-8 stage, so that a 64-px image is not seen only as a 4 x 4 map; the decoder still decodes
+      the stride-16 z', the flow loss and the flow scores average the stages, the reference sums them.
+    - `reference` (default "position"; "none" in the paper): per-position Gaussians N(mu_sp, Sigma_sp) of the z'
+      of NORMAL TRAINING images, one per stage s and position p, full covariance + 0.01 I (PaDiM's model, but in
+      the flow's latent space rather than on raw features). Why: the flow's prior N(0, I) is the same at every
+      position and for every image, so log N(z') measures how Gaussian z' is, not how far it is from the normal
+      images' z' at that place; on both boards the flow NLL of a test image told anomalies apart less well than
+      the distance of its z' to the normal z' of the same position. The reference adds
+      `score_position` = sum over stages of the mean over positions of 0.5 (z'_sp - mu_sp)^T Sigma_sp^-1
+      (z'_sp - mu_sp), the negative log-likelihood of z' under the reference up to constants, and the "position"
+      map (that quantity per position, up-sampled and summed over the stages). The flow is what makes it work:
+      the same Gaussians on the raw encoder features ranked worse on both boards (docs/aeflow.md). The Gaussians
+      come from a pass over the normal training images with the weights in use (`fit_reference`), which
+      aeflow.training runs before every validation pass, so that each epoch's validation AUROC is that of the
+      score the run would keep (at the cost of one more forward pass of encoder and flows per epoch). At most `reference_channels` channels of each stage enter the Gaussians
+      (a fixed random subset, as PaDiM does, where a stage has more): the model holds P x d x d precisions per
+      stage. It fixes the positions, so images are scored at the training size.
     - `decoder`: "transposed" (paper) or "upsample" (no checkerboard artefacts, see `Decoder`).
     - Score components, all reported on their own: the paper's `score_flow` = -exp(mean log N(z')); the full
       negative log-likelihood of the flow's input per dimension, `score_flow_nll` = -(log N(z') + log|det|) / D,
@@ -120,22 +147,25 @@ class AEFlow(AnomalyModel):
       happens to vary more, not by beta (S_flow spreads over a few 1e-3, -SSIM over tenths), so the other modes
       first z-score each component with the mean and std of NORMAL validation images (`calibrate`).
       "standardized" then blends beta * z(score_flow_nll) + (1 - beta) * z(score_recon). "validated" (default)
-      fits the weights of z(score_flow_nll), z(score_flow_max) and z(score_recon) (non-negative, summing to 1, a
-      grid of step 0.05) to the validation AUROC when the validation split holds labelled anomalies (at least
-      20 of each class). Without such labels nothing can say whether anomalies will be diffuse (a mean over
-      positions sees them) or local (a maximum does), so the flow's share beta is split equally between
-      z(score_flow_nll) and z(score_flow_max), 1 - beta on z(score_recon). The weights are buffers: they travel
-      with the run, and `blend_weight` says what was chosen.
+      fits the weights of the reference's per-stage terms z(score_position_s<stride>) (or z(score_position) with
+      one stage), z(score_flow_nll), z(score_flow_max) and z(score_recon) (non-negative, summing to 1, a grid of
+      step 0.05) to the validation AUROC when the validation split holds labelled anomalies (at least 20 of each
+      class). Without such labels the paper's beta splits the score
+      between the latent term and the reconstruction: beta * z(score_position) + (1 - beta) * z(score_recon)
+      with a reference; without one (nothing can then say whether anomalies will be diffuse, which a mean over
+      positions sees, or local, which a maximum does) beta is split equally between z(score_flow_nll) and
+      z(score_flow_max). The weights are buffers: they travel with the run, and `blend_weight` says what was
+      chosen.
     - `map_mode`: "residual" (paper: smoothed |x - x'|), "flow" (up-sampled per-position NLL of z', averaged over
       the stages), "fused" (mean of both after z-scoring each with the calibration statistics) or "position"
-      (default): the decoded stage's z' at each position (i, j) compared with the z' of NORMAL validation images at
-      that position, 0.5 * mean over channels of ((z'_cij - mu_cij) / sigma_cij)^2, up-sampled and smoothed. The
-      flow is convolutional and its prior N(0, I) the same at every position, so its own map cannot tell a
-      position where normal images always look unusual (a border, an organ's outline in aligned scans) from a
-      lesion; the per-position reference can, as PaDiM's per-position Gaussians do. Measured on the magnetic tile
-      (64 px, 8 epochs, 3 seeds; training and image scores unchanged): pixel AUROC 0.632 +- 0.011 with the residual
-      map, 0.750 +- 0.018 with this one (docs/results/ablation_magnetic_tile_position.md). It changes the map only, not the image score, and fixes the
-      map's size to that of the calibration images (the run's image size).
+      (default, needs the reference): each position's z' against the reference, 0.5 (z'_sp - mu_sp)^T
+      Sigma_sp^-1 (z'_sp - mu_sp), up-sampled, summed over the stages and smoothed. The flow is convolutional
+      and its prior the same at every position, so its own map cannot tell a position where normal images always
+      look unusual (a border, an organ's outline in aligned scans) from a lesion; the per-position reference can.
+      Measured on the magnetic tile (64 px, 8 epochs, 3 seeds): pixel AUROC 0.632 +- 0.011 with the residual
+      map, 0.750 +- 0.018 with a diagonal reference of the stride-16 z' from validation images
+      (docs/results/ablation_magnetic_tile_position.md), and the full reference on both stages in
+      docs/results/ablation_magnetic_tile.md.
     """
 
     def __init__(
@@ -155,13 +185,15 @@ class AEFlow(AnomalyModel):
         score_mode: str = "validated",
         map_mode: str = "position",
         feature_norm: str = "image",
-        stages: tuple[int, ...] | list[int] = (16,),
+        stages: tuple[int, ...] | list[int] = (8, 16),
         decoder: str = "transposed",
+        reference: str = "position",
+        reference_channels: int = 128,
     ):
         super().__init__()
         for name, value, choices in (("subnet", subnet, SUBNETS), ("score_mode", score_mode, SCORE_MODES),
                                      ("map_mode", map_mode, MAP_MODES), ("feature_norm", feature_norm, INPUT_NORMS),
-                                     ("decoder", decoder, DECODERS)):
+                                     ("decoder", decoder, DECODERS), ("reference", reference, REFERENCES)):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
         if in_channels not in (1, 3):
@@ -174,8 +206,19 @@ class AEFlow(AnomalyModel):
         stages = tuple(stages)
         if not stages or stages[-1] != 16 or list(stages) != sorted(set(stages)):
             raise ConfigError(f"stages must be increasing strides ending with 16 (the decoded stage), got {list(stages)}")
+        if map_mode == "position" and reference != "position":
+            raise ConfigError("map_mode='position' is the reference's map: it needs reference='position'")
+        if reference_channels < 1:
+            raise ConfigError(f"reference_channels must be >= 1, got {reference_channels}")
         self.alpha, self.beta = alpha, beta
-        self.score_mode, self.map_mode = score_mode, map_mode
+        self.score_mode, self.map_mode, self.reference = score_mode, map_mode, reference
+        self.n_stages = len(stages) if reference == "position" else 0  # stages with a reference
+        # The reference's components: its whole likelihood and, with several stages, each stage's part of it, which
+        # the validated blend weighs separately (diffuse changes may show at one stride, small defects at another).
+        self.stage_components = tuple(f"score_position_s{s}" for s in stages) if self.n_stages > 1 else ()
+        reference_parts = ("score_position", *self.stage_components) if self.n_stages else ()
+        self.components = (*SCORE_COMPONENTS, *reference_parts)
+        self.blended = (*(self.stage_components or reference_parts), *BLENDED)
 
         self.encoder = create_backbone(backbone, pretrained=pretrained, weights=weights, frozen=freeze_encoder)
         self.stage_names = stage_modules(backbone, stages) if len(stages) > 1 else ()
@@ -191,15 +234,19 @@ class AEFlow(AnomalyModel):
         # Statistics of normal validation images and the blend weights (see `calibrate`); buffers, so they travel
         # with the weights.
         self.register_buffer("calibrated", torch.tensor(False))
-        self.register_buffer("score_mean", torch.zeros(len(SCORE_COMPONENTS)))
-        self.register_buffer("score_std", torch.ones(len(SCORE_COMPONENTS)))
+        self.register_buffer("score_mean", torch.zeros(len(self.components)))
+        self.register_buffer("score_std", torch.ones(len(self.components)))
         self.register_buffer("blend_weight", self._fixed_blend())
         self.register_buffer("map_mean", torch.zeros(2))  # residual map, flow map
         self.register_buffer("map_std", torch.ones(2))
-        if map_mode == "position":
-            # C x h x w of the decoded stage, sized by the first calibration (empty until then).
-            self.register_buffer("position_mean", torch.empty(0))
-            self.register_buffer("position_std", torch.empty(0))
+        # The reference (see `fit_reference`): per stage, the channels it keeps and its P x d means and P x d x d
+        # precisions, sized by the first fit (empty until then).
+        generator = torch.Generator().manual_seed(0)
+        for i, c in enumerate([*side_channels, channels][: self.n_stages]):
+            kept = torch.randperm(c, generator=generator)[:reference_channels].sort().values
+            self.register_buffer(f"reference_index{i}", kept)
+            self.register_buffer(f"reference_mean{i}", torch.empty(0))
+            self.register_buffer(f"reference_precision{i}", torch.empty(0))
 
     # 1-3. Encoder, flow, decoder --------------------------------------------------------------------------
 
@@ -238,7 +285,64 @@ class AEFlow(AnomalyModel):
         loss = self.alpha * loss_flow + (1 - self.alpha) * loss_recon
         return {"loss": loss, "loss_flow": loss_flow, "loss_recon": loss_recon}
 
-    # 5. Scores -----------------------------------------------------------------------------------------
+    # 5. The reference: per-position Gaussians of normal training images' z' -----------------------------
+
+    @property
+    def reference_fitted(self) -> bool:
+        return self.n_stages > 0 and self.reference_mean0.numel() > 0
+
+    @torch.no_grad()
+    def fit_reference(self, images: Iterable[Batch | torch.Tensor], *, all_reduce: bool = False) -> None:
+        """Fit the reference on NORMAL TRAINING images (Batches: only label <= 0 count; tensors: all), in one pass
+        with the weights as they are. aeflow.training calls it before every validation pass, so that each epoch's
+        validation AUROC (and the kept checkpoint, which holds the reference) is that of the score the epoch's
+        weights are used with. all_reduce: sum the statistics over the processes of a DDP run (each passing its
+        shard of the training images)."""
+        if not self.n_stages:
+            return
+        sums = [PositionGaussians() for _ in range(self.n_stages)]
+        device = self.score_mean.device
+        was_training = self.training
+        self.eval()
+        for item in images:
+            batch_images = item.image if isinstance(item, Batch) else item
+            if isinstance(item, Batch):
+                batch_images = batch_images[item.label <= 0]
+            if len(batch_images):
+                features = self._encode(batch_images.to(device).float())
+                for i, (flow, z) in enumerate(zip([*self.side_flows, self.flow], features)):
+                    sums[i].add(flow(z)[0].float()[:, getattr(self, f"reference_index{i}")])
+        self.train(was_training)
+        if all_reduce:
+            for stage in sums:
+                stage.all_reduce()
+        if sums[0].count < 2:
+            raise ConfigError(f"fit_reference() needs at least two normal images, got {sums[0].count}")
+        self._set_reference(sums)
+
+    def _set_reference(self, sums: list[PositionGaussians]) -> None:
+        device = self.score_mean.device
+        for i, stage in enumerate(sums):
+            mean, precision = stage.gaussians(REFERENCE_EPSILON)
+            setattr(self, f"reference_mean{i}", mean.to(device))
+            setattr(self, f"reference_precision{i}", precision.to(device))
+
+    def _reference_distances(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """0.5 (z'_sp - mu_sp)^T Sigma_sp^-1 (z'_sp - mu_sp) per stage (B x h x w each)."""
+        distances = []
+        for i, z_prime in enumerate(latents[: self.n_stages]):
+            mean = getattr(self, f"reference_mean{i}")
+            if z_prime.shape[-2] * z_prime.shape[-1] != mean.shape[0]:
+                side = round(mean.shape[0] ** 0.5)
+                raise ConfigError(
+                    f"the reference holds a Gaussian for each of the {mean.shape[0]} positions of the training "
+                    f"images' latent map, but these images give {z_prime.shape[-2]} x {z_prime.shape[-1]}: score "
+                    f"images of the training size (e.g. {side * 16} x {side * 16} px for a square one)")
+            z = z_prime.float()[:, getattr(self, f"reference_index{i}")]
+            distances.append(0.5 * mahalanobis_squared(z, mean, getattr(self, f"reference_precision{i}")))
+        return distances
+
+    # 6. Scores -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def score_components(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -249,10 +353,13 @@ class AEFlow(AnomalyModel):
             nats, averaged over the stages.
         score_flow_max: the maximum over pixels of map_flow.
         score_recon: the paper's -SSIM(x, x').
+        score_position (with a reference): the sum over stages of the mean over positions of the reference
+            distance (`_reference_distances`), and score_position_s<stride> each stage's term (with several
+            stages); zero until the reference is fitted.
         map_residual / map_flow (B x H x W): smoothed |x - x'| averaged over channels / the per-position NLL of
             z' (mean over channels of -log N), up-sampled to the image, smoothed and averaged over the stages.
+        map_position (with a reference): the reference distances up-sampled, summed over the stages, smoothed.
         reconstruction: x' itself, for the report's gallery.
-        latent: the decoded stage's z' (B x C x h x w), which calibration summarises per position ("position" map).
         """
         x = images.float()
         latents, x_rec = self.flow_and_reconstruction(x)
@@ -266,7 +373,7 @@ class AEFlow(AnomalyModel):
             flow_maps.append(gaussian_blur(position[:, 0], sigma))
         map_flow = torch.stack(flow_maps).mean(0)
         deepest_log_p = standard_normal_log_prob(latents[-1][0].float()).flatten(1).mean(1)
-        return {
+        parts = {
             "score_flow": -torch.exp(deepest_log_p),
             "score_recon": -ssim(x, x_rec.float(), data_range=1.0, size_average=False, win_size=_ssim_window(x)),
             "score_flow_nll": torch.stack(nll).mean(0),
@@ -274,55 +381,57 @@ class AEFlow(AnomalyModel):
             "map_residual": gaussian_blur((x - x_rec).abs().mean(1), sigma),
             "map_flow": map_flow,
             "reconstruction": x_rec,
-            "latent": latents[-1][0],
         }
+        if self.n_stages:
+            if self.reference_fitted:
+                distances = self._reference_distances([z for z, _ in latents])
+                per_stage = [d.flatten(1).mean(1) for d in distances]
+                parts["score_position"] = sum(per_stage)
+                parts.update(zip(self.stage_components, per_stage))
+                up = [F.interpolate(d[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                      for d in distances]
+                parts["map_position"] = gaussian_blur(sum(up), sigma)
+            else:
+                parts.update({name: x.new_zeros(len(x)) for name in ("score_position", *self.stage_components)})
+                parts["map_position"] = x.new_zeros(len(x), *x.shape[-2:])
+        return parts
 
     def blend(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The image score from the components (`score_mode`); needs `calibrate` except in "paper" mode."""
         if self.score_mode == "paper":
             return self.beta * parts["score_flow"] + (1 - self.beta) * parts["score_recon"]
         return sum(self.blend_weight[i] * (parts[name] - self.score_mean[i]) / self.score_std[i]
-                   for i, name in enumerate(SCORE_COMPONENTS))
+                   for i, name in enumerate(self.components))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = self.score_components(images)
-        needs_calibration = self.score_mode != "paper" or self.map_mode in ("fused", "position")
+        if self.n_stages and not self.reference_fitted:
+            raise ConfigError("reference='position' needs the z' of normal training images: call fit_reference() "
+                              "with them, then calibrate() (training does both for you)")
+        needs_calibration = self.score_mode != "paper" or self.map_mode == "fused"
         if needs_calibration and not bool(self.calibrated):
             raise ConfigError(
                 f"score_mode={self.score_mode!r} / map_mode={self.map_mode!r} need statistics of normal images: "
                 "call calibrate() with normal validation images first (training does this for you)"
             )
         score = self.blend(parts)
-        residual, flow, latent = parts.pop("map_residual"), parts.pop("map_flow"), parts.pop("latent")
+        residual, flow, position = parts.pop("map_residual"), parts.pop("map_flow"), parts.pop("map_position", None)
         if self.map_mode == "residual":
             anomaly_map = residual
         elif self.map_mode == "flow":
             anomaly_map = flow
         elif self.map_mode == "position":
-            anomaly_map = self._position_map(latent, images.shape[-2:])
+            anomaly_map = position
         else:
             z_residual = (residual - self.map_mean[0]) / self.map_std[0]
             z_flow = (flow - self.map_mean[1]) / self.map_std[1]
             anomaly_map = 0.5 * (z_residual + z_flow)
         return {"pred_score": score, "anomaly_map": anomaly_map, **parts}
 
-    def _position_map(self, latent: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        """0.5 * mean over channels of the squared z-score of z' against the normal images' z' at each position,
-        up-sampled to `size` and smoothed like the other maps."""
-        if latent.shape[1:] != self.position_mean.shape:
-            raise ConfigError(
-                f"map_mode='position' compares each position with the calibration images' latent map of shape "
-                f"{tuple(self.position_mean.shape)}, but these images give {tuple(latent.shape[1:])}: score images of "
-                f"the calibration size ({16 * self.position_mean.shape[-2]} x {16 * self.position_mean.shape[-1]} px)"
-            )
-        distance = 0.5 * ((latent.float() - self.position_mean) / self.position_std).pow(2).mean(1, keepdim=True)
-        distance = F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
-        return gaussian_blur(distance[:, 0], 4.0 * size[-1] / 256)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.map_mode == "position":
-            adopt_buffer_shapes(self, state_dict, prefix, ("position_mean", "position_std"))
+        adopt_buffer_shapes(self, state_dict, prefix, [f"reference_{kind}{i}" for i in range(self.n_stages)
+                                                       for kind in ("mean", "precision")])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
@@ -335,7 +444,8 @@ class AEFlow(AnomalyModel):
         """Fit the calibration on validation images (never test ones): see `fit_calibration`.
 
         `images` yields Batches (their labels say which are normal; anomalous ones, label 1, only shape the
-        "validated" blend weights) or image tensors, all taken as normal.
+        "validated" blend weights) or image tensors, all taken as normal. With a reference, fit it first
+        (`fit_reference`, on training images).
         """
         device = self.score_mean.device
         collected = self.calibration_set()
@@ -359,7 +469,7 @@ class AEFlow(AnomalyModel):
         if int(normal.sum()) < 2:
             raise ConfigError("calibrate() needs at least two normal images")
         standardized = {}
-        for i, name in enumerate(SCORE_COMPONENTS):
+        for i, name in enumerate(self.components):
             values = collected.component(name)
             self.score_mean[i] = values[normal].mean()
             # A component that does not vary over normal images beyond float32 precision (e.g. the NLL of an
@@ -371,39 +481,31 @@ class AEFlow(AnomalyModel):
         mean = total / count
         self.map_mean.copy_(mean)
         self.map_std.copy_((total_sq / count - mean.pow(2)).clamp_min(1e-24).sqrt())
-        if self.map_mode == "position":
-            self._fit_positions(collected)
         self.blend_weight.copy_(self._fixed_blend())
         if self.score_mode == "validated" and min(int(normal.sum()), int((labels == 1).sum())) >= MIN_VALIDATION_PER_CLASS:
-            self.blend_weight.copy_(_best_blend(standardized, labels == 1, self.blend_weight))
+            self.blend_weight.copy_(_best_blend(standardized, labels == 1, self.blend_weight, self.components,
+                                                self.blended))
         self.calibrated.fill_(True)
 
-    def _fit_positions(self, collected: CalibrationSet) -> None:
-        """Mean and std of z' per position and channel over the normal images of `collected`. The std is floored
-        at 1e-3 (z' of normal images has unit scale by training), so that a position where every normal image
-        gives the same z' does not turn rounding noise into a large distance."""
-        if collected.latent.count == 0:
-            raise ConfigError("map_mode='position' needs the latent maps of normal images to calibrate on")
-        mean, std = collected.latent.mean_std()
-        device = self.score_mean.device
-        self.position_mean = mean.to(device)
-        self.position_std = std.clamp_min(1e-3).to(device)
-
     def _fixed_blend(self) -> torch.Tensor:
-        """The blend when no labels choose one: "standardized", beta on z(score_flow_nll); "validated", beta split
-        equally between z(score_flow_nll) and z(score_flow_max); 1 - beta on z(score_recon)."""
-        weight = torch.zeros(len(SCORE_COMPONENTS))
-        if self.score_mode == "validated":
-            weight[SCORE_COMPONENTS.index("score_flow_nll")] = self.beta / 2
-            weight[SCORE_COMPONENTS.index("score_flow_max")] = self.beta / 2
+        """The blend when no labels choose one: "standardized", beta on z(score_flow_nll); "validated", beta on
+        z(score_position) with a reference, else split equally between z(score_flow_nll) and z(score_flow_max);
+        1 - beta on z(score_recon)."""
+        weight = torch.zeros(len(self.components))
+        index = self.components.index
+        if self.score_mode == "validated" and self.n_stages:
+            weight[index("score_position")] = self.beta
+        elif self.score_mode == "validated":
+            weight[index("score_flow_nll")] = self.beta / 2
+            weight[index("score_flow_max")] = self.beta / 2
         else:
-            weight[SCORE_COMPONENTS.index("score_flow_nll")] = self.beta
-        weight[SCORE_COMPONENTS.index("score_recon")] = 1 - self.beta
+            weight[index("score_flow_nll")] = self.beta
+        weight[index("score_recon")] = 1 - self.beta
         return weight
 
     def blend_weights(self) -> dict[str, float]:
         """The weight of each standardized component in the image score (after calibration: what was chosen)."""
-        return {name: float(w) for name, w in zip(SCORE_COMPONENTS, self.blend_weight)}
+        return {name: float(w) for name, w in zip(self.components, self.blend_weight)}
 
 
 @torch.no_grad()
@@ -423,25 +525,58 @@ def _bits_per_dim(z_prime: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
     return bits_per_dim(log_pz, log_det.float(), z_prime[0].numel())
 
 
-def _best_blend(standardized: dict[str, torch.Tensor], anomalous: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """Non-negative weights summing to 1 over the BLENDED components (grid step BLEND_GRID_STEP) whose blend has
-    the highest AUROC on these (validation) images; `start` is kept unless a grid point beats it."""
-    from sklearn.metrics import roc_auc_score
-
-    y = anomalous.numpy().astype(int)
-    columns = torch.stack([standardized[name] for name in BLENDED], 1)  # N x 3
-    index = [SCORE_COMPONENTS.index(name) for name in BLENDED]
-    best_weight, best = start.clone(), roc_auc_score(y, (columns @ start[index].double()).numpy())
-    steps = round(1 / BLEND_GRID_STEP)
-    for i in range(steps + 1):
-        for j in range(steps + 1 - i):
-            w = torch.tensor([i, j, steps - i - j], dtype=torch.float64) / steps
-            auroc = roc_auc_score(y, (columns @ w).numpy())
-            if auroc > best + 1e-12:
-                best = auroc
-                best_weight = torch.zeros_like(start)
-                best_weight[index] = w.float()
+def _best_blend(standardized: dict[str, torch.Tensor], anomalous: torch.Tensor, start: torch.Tensor,
+                components: tuple[str, ...], blended: tuple[str, ...]) -> torch.Tensor:
+    """Non-negative weights summing to 1 over the `blended` components (grid step BLEND_GRID_STEP) whose blend has
+    the highest AUROC on these (validation) images; `start` (weights over `components`) is kept unless a grid
+    point beats it."""
+    columns = torch.stack([standardized[name] for name in blended], 1)  # N x len(blended)
+    index = [components.index(name) for name in blended]
+    every = torch.stack([standardized[name] for name in components], 1)
+    best = float(_aurocs(every @ start.double()[:, None], anomalous)[0])
+    best_weight = start.clone()
+    grid = torch.tensor(list(_compositions(len(blended), round(1 / BLEND_GRID_STEP))), dtype=torch.float64)
+    grid /= round(1 / BLEND_GRID_STEP)
+    aurocs = torch.cat([_aurocs(columns @ chunk.T, anomalous) for chunk in grid.split(2048)])
+    i = int(aurocs.argmax())  # the first grid point of the highest AUROC
+    if float(aurocs[i]) > best + 1e-12:
+        best_weight = torch.zeros_like(start)
+        best_weight[index] = grid[i].float()
     return best_weight
+
+
+def _aurocs(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """The AUROC of every column of `scores` (N x M) for the labels `positive` (N, bool), ties counted half
+    (the Mann-Whitney U statistic over average ranks, as sklearn's roc_auc_score)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    order = scores.argsort(0)
+    sorted_scores = scores.gather(0, order)
+    ranks = torch.empty_like(scores)
+    ranks.scatter_(0, order, torch.arange(1, len(scores) + 1, dtype=scores.dtype)[:, None].expand_as(scores).contiguous())
+    # Average ranks over ties: every member of a run of equal scores gets the run's mean rank.
+    new_run = torch.ones_like(sorted_scores, dtype=torch.bool)
+    new_run[1:] = sorted_scores[1:] != sorted_scores[:-1]
+    if not bool(new_run.all()):
+        for j in range(scores.shape[1]):
+            if bool(new_run[:, j].all()):
+                continue
+            run_id = new_run[:, j].cumsum(0) - 1
+            runs = int(run_id[-1]) + 1
+            rank_sum = torch.zeros(runs, dtype=scores.dtype).scatter_add_(
+                0, run_id, torch.arange(1, len(scores) + 1, dtype=scores.dtype))
+            count = torch.zeros(runs, dtype=scores.dtype).scatter_add_(0, run_id, torch.ones(len(scores), dtype=scores.dtype))
+            ranks[order[:, j], j] = (rank_sum / count)[run_id]
+    rank_sum = ranks[positive].sum(0)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _compositions(n: int, total: int) -> Iterator[tuple[int, ...]]:
+    if n == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(n - 1, total - first):
+            yield (first, *rest)
 
 
 def _ssim_window(images: torch.Tensor) -> int:

@@ -83,6 +83,7 @@ class AEFlowGMM(AEFlow):
 
     def __init__(self, *, gamma: float = 1.0, unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05,
                  initial_var: float = 4.0, initial_fraction: float = 0.1, **aeflow_options):
+        aeflow_options.setdefault("stages", (16,))
         super().__init__(**aeflow_options)
         if self.side_flows:
             raise ConfigError("aeflow_gmm puts its mixture prior on the stride-16 latent only: use stages=[16]")

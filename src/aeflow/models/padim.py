@@ -19,25 +19,11 @@ training image size, so test images must have that size (and be roughly aligned,
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from aeflow.errors import AeflowError, ConfigError, DataError
 from aeflow.models.base import AnomalyModel, register
-from aeflow.nn.blocks import FeatureStages, adopt_buffer_shapes, gaussian_blur
-
-
-def gaussian_precisions(total: torch.Tensor, outer: torch.Tensor, count: int, epsilon: float):
-    """Means (P x d) and inverse covariances (P x d x d) from sums over `count` samples of x and x x^T.
-
-    The covariance gets epsilon * I (the paper's 0.01) so that it is invertible with few training images. The
-    inverse goes through Cholesky: batched LU inversion (torch.linalg.inv) with oneMKL on AMD EPYC CPUs returns
-    wrong values without an error, and a regularised covariance is positive definite, which Cholesky exploits.
-    """
-    mean = total / count
-    cov = (outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (count - 1)
-    cov = cov + epsilon * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return mean, torch.cholesky_inverse(torch.linalg.cholesky(cov))
+from aeflow.nn.blocks import FeatureStages, PositionGaussians, adopt_buffer_shapes, gaussian_blur, mahalanobis_squared
 
 
 # The paper's random channel subset size d per backbone.
@@ -90,23 +76,14 @@ class PaDiM(AnomalyModel):
     def fit(self, loader) -> None:
         """One pass over batches of normal images: accumulate per-position sums (over all ranks under DDP), then
         the Gaussians."""
-        count, total, outer = 0, None, None
+        sums = PositionGaussians()
         for batch in loader:
-            x = self.embed(batch.image.to(self.channel_index.device)).flatten(2).permute(2, 0, 1).double()  # P x B x d
-            if total is None:
-                total, outer = torch.zeros_like(x[:, 0]), x.new_zeros(x.shape[0], x.shape[2], x.shape[2])
-            total += x.sum(1)
-            outer += x.transpose(1, 2) @ x
-            count += x.shape[1]
-        if total is not None and dist.is_available() and dist.is_initialized():
-            sums = [torch.tensor([count], dtype=torch.float64, device=total.device), total, outer]
-            for value in sums:
-                dist.all_reduce(value)
-            count = int(sums[0].item())
-        if count < 2:
-            raise DataError(f"PaDiM needs at least 2 training images to estimate covariances; got {count}")
-        mean, precision = gaussian_precisions(total, outer, count, self._config["epsilon"])
-        self.mean, self.precision = mean.float(), precision.float()
+            sums.add(self.embed(batch.image.to(self.channel_index.device)))
+        sums.all_reduce()
+        if sums.count < 2:
+            raise DataError(f"PaDiM needs at least 2 training images to estimate covariances; got {sums.count}")
+        mean, precision = sums.gaussians(self._config["epsilon"])
+        self.mean, self.precision = mean, precision
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         adopt_buffer_shapes(self, state_dict, prefix, ("mean", "precision"))
@@ -121,9 +98,7 @@ class PaDiM(AnomalyModel):
         if h * w != self.mean.shape[0]:
             raise DataError(f"PaDiM was fitted at {self.mean.shape[0]} patch positions but these images give {h}x{w}; "
                             "score images of the training size")
-        diff = x.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # P x B x d
-        squared = ((diff @ self.precision) * diff).sum(-1).clamp_min(0)  # P x B
-        distances = squared.sqrt().T.reshape(b, 1, h, w)
+        distances = mahalanobis_squared(x, self.mean, self.precision).sqrt().unsqueeze(1)
         anomaly_map = F.interpolate(distances, size=images.shape[-2:], mode="bilinear", align_corners=False)
         anomaly_map = gaussian_blur(anomaly_map.squeeze(1), self._config["blur_sigma"])
         return {"pred_score": anomaly_map.flatten(1).amax(1), "anomaly_map": anomaly_map}

@@ -146,7 +146,7 @@ class Texture(AnomalyModel):
         standardised = (features - mean) / scale
         covariance = standardised.T @ standardised / (len(features) - 1)
         covariance = covariance + self._config["epsilon"] * torch.eye(len(mean), dtype=covariance.dtype)
-        # Cholesky, not LU: see aeflow.models.padim.gaussian_precisions.
+        # Cholesky, not LU: see aeflow.nn.blocks.gaussian_precisions.
         precision = torch.cholesky_inverse(torch.linalg.cholesky(covariance))
         self.glcm_mean, self.glcm_scale, self.glcm_precision = mean.float(), scale.float(), precision.float()
         distances = Moments()

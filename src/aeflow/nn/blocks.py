@@ -292,3 +292,61 @@ class Moments:
         mean = self.total / self.count
         var = (self.total_sq - self.count * mean.pow(2)).clamp_min(0) / (self.count - 1)
         return mean.float(), var.sqrt().float()
+
+
+def gaussian_precisions(total: torch.Tensor, outer: torch.Tensor, count: int, epsilon: float):
+    """Means (P x d) and inverse covariances (P x d x d) from sums over `count` samples of x and x x^T.
+
+    The covariance gets epsilon * I (PaDiM's 0.01) so that it is invertible with few training images. The
+    inverse goes through Cholesky: batched LU inversion (torch.linalg.inv) with oneMKL on AMD EPYC CPUs returns
+    wrong values without an error, and a regularised covariance is positive definite, which Cholesky exploits.
+    """
+    mean = total / count
+    cov = (outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (count - 1)
+    cov = cov + epsilon * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return mean, torch.cholesky_inverse(torch.linalg.cholesky(cov))
+
+
+class PositionGaussians:
+    """Running sums, over images, of each position's feature vector x (d channels) and of x x^T (float64): one
+    multivariate Gaussian N(mu_p, Sigma_p) per position p, as PaDiM models its patches and AE-FLOW its latent
+    reference. Sums shard: under DDP `all_reduce` adds every rank's before the Gaussians are formed.
+    """
+
+    def __init__(self):
+        self.count, self.total, self.outer = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: B x d x h x w."""
+        x = x.detach().flatten(2).permute(2, 0, 1).double()  # P x B x d
+        if self.total is None:
+            self.total, self.outer = torch.zeros_like(x[:, 0]), x.new_zeros(x.shape[0], x.shape[2], x.shape[2])
+        self.total += x.sum(1)
+        self.outer += x.transpose(1, 2) @ x
+        self.count += x.shape[1]
+
+    def all_reduce(self) -> None:
+        """Sum count and sums over the processes of a torch.distributed group (nothing without one)."""
+        import torch.distributed as dist
+
+        if self.total is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.total.device)
+        for value in (count, self.total, self.outer):
+            dist.all_reduce(value)
+        self.count = int(count.item())
+
+    def gaussians(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means (P x d) and precisions (P x d x d), float32; DataError below two images."""
+        if self.count < 2:
+            raise DataError(f"need at least 2 training images to estimate covariances; got {self.count}")
+        mean, precision = gaussian_precisions(self.total, self.outer, self.count, epsilon)
+        return mean.float(), precision.float()
+
+
+def mahalanobis_squared(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(x_p - mu_p)^T Sigma_p^-1 (x_p - mu_p) at every position: x B x d x h x w, mean P x d, precision
+    P x d x d (P = h w) -> B x h x w."""
+    b, d, h, w = x.shape
+    diff = x.flatten(2).permute(2, 0, 1) - mean.unsqueeze(1)  # P x B x d
+    return ((diff @ precision) * diff).sum(-1).clamp_min(0).T.reshape(b, h, w)

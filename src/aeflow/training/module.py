@@ -5,7 +5,8 @@ same loss on the NORMAL validation images (`val_loss`) and, when the validation 
 anomalies, the image AUROC of the model's score (`val_image_AUROC`) and of each score component
 (`val_image_AUROC_<component>`). A model with a score calibration (AE-FLOW's `fit_calibration`) is calibrated
 on each epoch's validation pass first, so `val_image_AUROC` is that of the score the epoch's weights would be
-used with. Which of the two selects the kept checkpoint is decided in aeflow.training.run (`selection_metric`).
+used with; AE-FLOW's per-position reference is fitted before that from a pass over the normal training images
+with the epoch's weights (summed over the ranks under DDP, so every rank holds the same). Which of the two selects the kept checkpoint is decided in aeflow.training.run (`selection_metric`).
 
 Under DDP (several processes) training batches are sharded over the ranks and the logged training losses are
 averaged over them (`sync_dist`), so the curve is that of the global batch. Validation is NOT sharded: every rank
@@ -22,9 +23,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
 
 from aeflow.data.sample import Batch
 from aeflow.models.base import AnomalyModel
+from aeflow.training.distributed import ShardSampler
 
 
 class AnomalyModule(L.LightningModule):
@@ -65,8 +68,21 @@ class AnomalyModule(L.LightningModule):
                 self._val_scores.setdefault(name, []).append(value.detach().float().cpu())
 
     def on_validation_epoch_start(self) -> None:
+        # AE-FLOW's per-position reference, from the training images and this epoch's weights (each rank passes its
+        # shard; the sums are all-reduced).
+        if hasattr(self.model, "fit_reference") and not self.trainer.sanity_checking:
+            with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed: training stays as it was
+                self.model.fit_reference(self._reference_loader(), all_reduce=True)
         fits_calibration = self.val_has_anomalies and hasattr(self.model, "fit_calibration")
         self._calibration = self.model.calibration_set() if fits_calibration else None
+
+    def _reference_loader(self) -> DataLoader:
+        """The training images once each, in order, this rank's share of them: a loader of its own, so that the
+        pass takes nothing from the training loader's shuffle or sampler state."""
+        train = self.trainer.train_dataloader
+        batch_size = train.batch_size or getattr(train.batch_sampler, "batch_size", None) or 32
+        return DataLoader(train.dataset, batch_size=batch_size, collate_fn=train.collate_fn,
+                          sampler=ShardSampler(train.dataset, shuffle=False, pad=False))
 
     def on_validation_epoch_end(self) -> None:
         labels = torch.cat(self._val_labels) if self._val_labels else torch.empty(0)
