@@ -150,7 +150,8 @@ class AEFlow(AnomalyModel):
       fits the weights of the reference's per-stage terms z(score_position_s<stride>) (or z(score_position) with
       one stage), z(score_flow_nll), z(score_flow_max) and z(score_recon) (non-negative, summing to 1, a grid of
       step 0.05) to the validation AUROC when the validation split holds labelled anomalies (at least 20 of each
-      class). Without such labels the paper's beta splits the score
+      class), and uses them only if they beat the label-free blend below by more than the standard error of the
+      validation AUROC (the best of ~10^4 grid points on a small split is partly luck). Without such labels the paper's beta splits the score
       between the latent term and the reconstruction: beta * z(score_position) + (1 - beta) * z(score_recon)
       with a reference; without one (nothing can then say whether anomalies will be diffuse, which a mean over
       positions sees, or local, which a maximum does) beta is split equally between z(score_flow_nll) and
@@ -528,8 +529,8 @@ def _bits_per_dim(z_prime: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
 def _best_blend(standardized: dict[str, torch.Tensor], anomalous: torch.Tensor, start: torch.Tensor,
                 components: tuple[str, ...], blended: tuple[str, ...]) -> torch.Tensor:
     """Non-negative weights summing to 1 over the `blended` components (grid step BLEND_GRID_STEP) whose blend has
-    the highest AUROC on these (validation) images; `start` (weights over `components`) is kept unless a grid
-    point beats it."""
+    the highest AUROC on these (validation) images; `start` (weights over `components`, the label-free blend) is
+    kept unless that AUROC beats start's by more than one standard error."""
     columns = torch.stack([standardized[name] for name in blended], 1)  # N x len(blended)
     index = [components.index(name) for name in blended]
     every = torch.stack([standardized[name] for name in components], 1)
@@ -539,10 +540,20 @@ def _best_blend(standardized: dict[str, torch.Tensor], anomalous: torch.Tensor, 
     grid /= round(1 / BLEND_GRID_STEP)
     aurocs = torch.cat([_aurocs(columns @ chunk.T, anomalous) for chunk in grid.split(2048)])
     i = int(aurocs.argmax())  # the first grid point of the highest AUROC
-    if float(aurocs[i]) > best + 1e-12:
+    # One standard error: with hundreds of grid points, the best of them on a small validation split is partly
+    # luck; the fitted blend replaces `start` only when it beats it by more than the standard error of an AUROC
+    # at these class sizes.
+    if float(aurocs[i]) > best + _auroc_standard_error(best, int(anomalous.sum()), int((~anomalous).sum())):
         best_weight = torch.zeros_like(start)
         best_weight[index] = grid[i].float()
     return best_weight
+
+
+def _auroc_standard_error(auroc: float, n_pos: int, n_neg: int) -> float:
+    """The standard error of an AUROC with n_pos anomalous and n_neg normal images (Hanley and McNeil, 1982)."""
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    variance = (auroc * (1 - auroc) + (n_pos - 1) * (q1 - auroc**2) + (n_neg - 1) * (q2 - auroc**2)) / (n_pos * n_neg)
+    return max(variance, 0.0) ** 0.5
 
 
 def _aurocs(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
