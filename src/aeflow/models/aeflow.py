@@ -134,9 +134,10 @@ class AEFlow(AnomalyModel):
       the same Gaussians on the raw encoder features ranked worse on both boards (docs/aeflow.md). The Gaussians
       come from a pass over the normal training images with the weights in use (`fit_reference`), which
       aeflow.training runs before every validation pass, so that each epoch's validation AUROC is that of the
-      score the run would keep (at the cost of one more forward pass of encoder and flows per epoch). At most `reference_channels` channels of each stage enter the Gaussians
-      (a fixed random subset, as PaDiM does, where a stage has more): the model holds P x d x d precisions per
-      stage. It fixes the positions, so images are scored at the training size.
+      score the run would keep (at the cost of one more forward pass of encoder and flows per epoch). At most
+      `reference_channels` channels of each stage enter the Gaussians (a fixed random subset, as PaDiM does,
+      where a stage has more): the model holds P x d x d precisions per stage. It fixes the positions, so images
+      are scored at the training size.
     - `decoder`: "transposed" (paper) or "upsample" (no checkerboard artefacts, see `Decoder`).
     - Score components, all reported on their own: the paper's `score_flow` = -exp(mean log N(z')); the full
       negative log-likelihood of the flow's input per dimension, `score_flow_nll` = -(log N(z') + log|det|) / D,
@@ -151,8 +152,8 @@ class AEFlow(AnomalyModel):
       one stage), z(score_flow_nll), z(score_flow_max) and z(score_recon) (non-negative, summing to 1, a grid of
       step 0.05) to the validation AUROC when the validation split holds labelled anomalies (at least 20 of each
       class), and uses them only if they beat the label-free blend below by more than the standard error of the
-      validation AUROC (the best of ~10^4 grid points on a small split is partly luck). Without such labels the paper's beta splits the score
-      between the latent term and the reconstruction: beta * z(score_position) + (1 - beta) * z(score_recon)
+      validation AUROC (the best of ~10^4 grid points on a small split is partly luck). Without such labels the
+      paper's beta splits the score between the latent term and the reconstruction: beta * z(score_position) + (1 - beta) * z(score_recon)
       with a reference; without one (nothing can then say whether anomalies will be diffuse, which a mean over
       positions sees, or local, which a maximum does) beta is split equally between z(score_flow_nll) and
       z(score_flow_max). The weights are buffers: they travel with the run, and `blend_weight` says what was
@@ -165,8 +166,8 @@ class AEFlow(AnomalyModel):
       look unusual (a border, an organ's outline in aligned scans) from a lesion; the per-position reference can.
       Measured on the magnetic tile (64 px, 8 epochs, 3 seeds): pixel AUROC 0.632 +- 0.011 with the residual
       map, 0.750 +- 0.018 with a diagonal reference of the stride-16 z' from validation images
-      (docs/results/ablation_magnetic_tile_position.md), and the full reference on both stages in
-      docs/results/ablation_magnetic_tile.md.
+      (docs/results/ablation_magnetic_tile_position.md), 0.801 +- 0.006 with the full reference on both stages
+      (docs/results/ablation_magnetic_tile_reference.md).
     """
 
     def __init__(
@@ -286,7 +287,7 @@ class AEFlow(AnomalyModel):
         loss = self.alpha * loss_flow + (1 - self.alpha) * loss_recon
         return {"loss": loss, "loss_flow": loss_flow, "loss_recon": loss_recon}
 
-    # 5. The reference: per-position Gaussians of normal training images' z' -----------------------------
+    # 5. Scores (a): the reference, per-position Gaussians of the normal training images' z' -------------
 
     @property
     def reference_fitted(self) -> bool:
@@ -343,7 +344,7 @@ class AEFlow(AnomalyModel):
             distances.append(0.5 * mahalanobis_squared(z, mean, getattr(self, f"reference_precision{i}")))
         return distances
 
-    # 6. Scores -----------------------------------------------------------------------------------------
+    # 5. Scores (b): components, blend, maps ------------------------------------------------------------
 
     @torch.no_grad()
     def score_components(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ anomalies, the image AUROC of the model's score (`val_image_AUROC`) and of each 
 (`val_image_AUROC_<component>`). A model with a score calibration (AE-FLOW's `fit_calibration`) is calibrated
 on each epoch's validation pass first, so `val_image_AUROC` is that of the score the epoch's weights would be
 used with; AE-FLOW's per-position reference is fitted before that from a pass over the normal training images
-with the epoch's weights (summed over the ranks under DDP, so every rank holds the same). Which of the two selects the kept checkpoint is decided in aeflow.training.run (`selection_metric`).
+with the epoch's weights (summed over the ranks under DDP, so every rank holds the same). Which of the two
+selects the kept checkpoint is decided in aeflow.training.run (`selection_metric`).
 
 Under DDP (several processes) training batches are sharded over the ranks and the logged training losses are
 averaged over them (`sync_dist`), so the curve is that of the global batch. Validation is NOT sharded: every rank
