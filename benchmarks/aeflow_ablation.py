@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import machine  # noqa: E402
+from common import emit_table, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {
@@ -174,9 +174,7 @@ def main() -> None:
         lines.append(f"| {i} | {ROWS[i][0]} | {cell([r['val_image_AUROC'] for r in mine])} | "
                      + " | ".join(cell([r[k] for r in mine]) for k in KEYS) + f" | {kept} |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit_table(table, args.out)
 
 
 if __name__ == "__main__":

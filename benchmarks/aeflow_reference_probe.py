@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import machine  # noqa: E402
+from common import emit_table, machine  # noqa: E402
 
 
 def collect(run_dir: Path) -> dict:
@@ -94,9 +94,7 @@ def main() -> None:
         val = "n/a" if np.isnan(a[:, 0]).all() else f"{np.nanmean(a[:, 0]):.3f} ± {np.nanstd(a[:, 0], ddof=1):.3f}"
         lines.append(f"| {name} | {val} | {a[:, 1].mean():.3f} ± {a[:, 1].std(ddof=1):.3f} |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit_table(table, args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -67,3 +68,11 @@ def timed(fn, *, warmup: int = 1, min_seconds: float = 3.0, min_calls: int = 2) 
 
 def env_threads() -> int:
     return int(os.environ.get("AEFLOW_THREADS", torch.get_num_threads()))
+
+
+def emit_table(table: str, out: str | None) -> None:
+    """Print a benchmark's Markdown table and, with `out`, write it there too (folders made as needed)."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, peak_rss_mb  # noqa: E402
+from common import emit_table, machine, peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
@@ -110,10 +110,7 @@ def main() -> None:
                          f"| {' '.join(f'{v:.4f}' for v in values)} | {paper} |")
     lines.append(f"| peak RSS of the whole benchmark (MB) | {peak_rss_mb():.0f} | | | |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
+    emit_table(table, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from common import machine  # noqa: E402
+from common import emit_table, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
@@ -126,10 +126,7 @@ def main() -> None:
             for intensity in _split_rules(args.intensities):
                 lines += flow_only(size, intensity, args.epochs, args.seed)
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
+    emit_table(table, args.out)
 
 
 def _split_rules(text: str) -> list[str]:

@@ -34,10 +34,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from aeflow.models import create_model
+    from aeflow.training.presets import preset
 
     torch.set_num_threads(args.threads)
-    model = create_model("aeflow", backbone=args.backbone, pretrained=False, subnet="resnet", score_mode="paper",
-                         map_mode="residual").eval()
+    # The paper's model (the `paper` preset's arguments: one stride-16 flow, no reference, raw blend, residual map).
+    kwargs = {**preset("paper")["model_kwargs"], "backbone": args.backbone, "pretrained": False}
+    model = create_model("aeflow", **kwargs).eval()
     if args.channels_last_encoder:
         model.encoder.to(memory_format=torch.channels_last)
     x = torch.rand(args.batch, 1, args.size, args.size)

@@ -25,9 +25,10 @@ from common import count_flops, machine, matmul_flops, peak_rss_mb, timed  # noq
 
 def build(backbone: str, size: int, channels_last: bool):
     from aeflow.models import create_model
+    from aeflow.training.presets import preset
 
-    model = create_model("aeflow", backbone=backbone, pretrained=False, subnet="resnet", score_mode="paper",
-                         map_mode="residual")
+    # The paper's model (the `paper` preset's arguments: one stride-16 flow, no reference, raw blend, residual map).
+    model = create_model("aeflow", **{**preset("paper")["model_kwargs"], "backbone": backbone, "pretrained": False})
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

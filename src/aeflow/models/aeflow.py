@@ -213,7 +213,7 @@ class AEFlow(AnomalyModel):
         if reference_channels < 1:
             raise ConfigError(f"reference_channels must be >= 1, got {reference_channels}")
         self.alpha, self.beta = alpha, beta
-        self.score_mode, self.map_mode, self.reference = score_mode, map_mode, reference
+        self.score_mode, self.map_mode = score_mode, map_mode
         self.n_stages = len(stages) if reference == "position" else 0  # stages with a reference
         # The reference's components: its whole likelihood and, with several stages, each stage's part of it, which
         # the validated blend weighs separately (diffuse changes may show at one stride, small defects at another).
@@ -262,9 +262,12 @@ class AEFlow(AnomalyModel):
         """x -> ([(z', log|det dz'/dz|) per stage, stride 16 last], reconstruction x' from the stride-16 z')."""
         if x.ndim != 4 or x.shape[-1] % 16 or x.shape[-2] % 16:
             raise ConfigError(f"AE-FLOW needs B x C x H x W images with H and W multiples of 16, got {tuple(x.shape)}")
-        features = self._encode(x)
-        latents = [flow(z) for flow, z in zip([*self.side_flows, self.flow], features)]
+        latents = self.flow_latents(x)
         return latents, self.decoder(latents[-1][0])
+
+    def flow_latents(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """x -> [(z', log|det dz'/dz|) per stage, stride 16 last], without the decoder."""
+        return [flow(z) for flow, z in zip([*self.side_flows, self.flow], self._encode(x))]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x -> (z', log|det dz'/dz| per sample, reconstruction x') of the stride-16 stage."""
@@ -311,9 +314,8 @@ class AEFlow(AnomalyModel):
             if isinstance(item, Batch):
                 batch_images = batch_images[item.label <= 0]
             if len(batch_images):
-                features = self._encode(batch_images.to(device).float())
-                for i, (flow, z) in enumerate(zip([*self.side_flows, self.flow], features)):
-                    sums[i].add(flow(z)[0].float()[:, getattr(self, f"reference_index{i}")])
+                for i, (z_prime, _) in enumerate(self.flow_latents(batch_images.to(device).float())):
+                    sums[i].add(z_prime.float()[:, getattr(self, f"reference_index{i}")])
         self.train(was_training)
         if all_reduce:
             for stage in sums:
@@ -560,26 +562,11 @@ def _auroc_standard_error(auroc: float, n_pos: int, n_neg: int) -> float:
 def _aurocs(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """The AUROC of every column of `scores` (N x M) for the labels `positive` (N, bool), ties counted half
     (the Mann-Whitney U statistic over average ranks, as sklearn's roc_auc_score)."""
+    from scipy.stats import rankdata
+
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    order = scores.argsort(0)
-    sorted_scores = scores.gather(0, order)
-    ranks = torch.empty_like(scores)
-    ranks.scatter_(0, order, torch.arange(1, len(scores) + 1, dtype=scores.dtype)[:, None].expand_as(scores).contiguous())
-    # Average ranks over ties: every member of a run of equal scores gets the run's mean rank.
-    new_run = torch.ones_like(sorted_scores, dtype=torch.bool)
-    new_run[1:] = sorted_scores[1:] != sorted_scores[:-1]
-    if not bool(new_run.all()):
-        for j in range(scores.shape[1]):
-            if bool(new_run[:, j].all()):
-                continue
-            run_id = new_run[:, j].cumsum(0) - 1
-            runs = int(run_id[-1]) + 1
-            rank_sum = torch.zeros(runs, dtype=scores.dtype).scatter_add_(
-                0, run_id, torch.arange(1, len(scores) + 1, dtype=scores.dtype))
-            count = torch.zeros(runs, dtype=scores.dtype).scatter_add_(0, run_id, torch.ones(len(scores), dtype=scores.dtype))
-            ranks[order[:, j], j] = (rank_sum / count)[run_id]
-    rank_sum = ranks[positive].sum(0)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    ranks = torch.from_numpy(rankdata(scores.numpy(), axis=0))
+    return (ranks[positive].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def _compositions(n: int, total: int) -> Iterator[tuple[int, ...]]:

@@ -268,7 +268,7 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             if rank != 0:
                 return run_dir
             selection = {"criterion": "none (fitted in one pass)"}
-        if hasattr(model, "fit_reference") and not model.reference_fitted:
+        if getattr(model, "n_stages", 0) and not model.reference_fitted:
             # The kept checkpoint holds the reference of its epoch; one written before any validation pass does not.
             model.fit_reference(loader(train_set, shuffle=False))
             log.info("fitted the per-position reference on the %d training images", len(train_set))
