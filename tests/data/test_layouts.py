@@ -10,7 +10,7 @@ from conftest import noise_image, write_dicom, write_images, write_mask, write_n
 from aeflow.data import (ImageDataset, Record, available_layouts, collate, load_data, load_splits, save_splits,
                          scan_inputs)
 from aeflow.data.dataset import DataSplits
-from aeflow.errors import DataError
+from aeflow.errors import ConfigError, DataError
 
 
 def _counts(records):
@@ -202,6 +202,21 @@ def test_magnetic_tile_convention(tmp_path):
     again = load_data("magnetic_tile", tmp_path, image_size=8, seed=1)
     assert _names(again.test.records) == _names(data.test.records)
     assert _names(load_data("magnetic_tile", tmp_path, seed=2).test.records) != _names(data.test.records)
+
+    # labelled_pool: a share of each defect type leaves the test split for the labelled training pool; nothing else moves.
+    tile("MT_Crack", [f"c{i}" for i in range(3, 11)], masked=True)
+    plain = load_data("magnetic_tile", tmp_path, image_size=8, seed=1)
+    pooled = load_data("magnetic_tile", tmp_path, image_size=8, seed=1, labelled_pool=0.5, labelled_anomalies=3)
+    pool_draw = load_data("magnetic_tile", tmp_path, image_size=8, seed=1, labelled_pool=0.5, labelled_anomalies=5)
+    assert _names(pooled.train.records) == _names(plain.train.records)
+    assert _names(pooled.val.records) == _names(plain.val.records)
+    test_names = set(_names(pooled.test.records))
+    assert test_names < set(_names(plain.test.records))
+    moved = set(_names(plain.test.records)) - test_names  # 5 of the 10 cracks; the one uneven stays in test
+    assert len(moved) == 5 and {r.anomaly_type for r in pooled.labelled.records} == {"crack"}
+    assert set(_names(pooled.labelled.records)) < set(_names(pool_draw.labelled.records)) == moved
+    with pytest.raises(ConfigError, match="labelled_pool"):
+        load_data("magnetic_tile", tmp_path, image_size=8, labelled_anomalies=1)
 
 
 def test_dataset_channels_resize_and_collate(tmp_path):

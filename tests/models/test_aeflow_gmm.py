@@ -36,37 +36,46 @@ def synthetic(**options):
 
 
 def test_mixture_log_likelihoods_match_scipy():
-    model = small_gmm(unlabelled_anomaly_prior=0.2).double()
+    """One component per anomaly type: each type's per-position mixture, their mean, the image-level mixture and
+    the posteriors against scipy's densities on a tiny input."""
+    model = small_gmm(unlabelled_anomaly_prior=0.2, anomaly_types=["crack", "hole"]).double()
     channels = model.encoder.out_channels
     gen = torch.Generator().manual_seed(0)
-    model.anomaly_mean.copy_(torch.randn(channels, generator=gen) * 0.3)
-    model.anomaly_var.copy_(1 + torch.rand(channels, generator=gen))
-    model.anomaly_fraction.fill_(0.3)
+    model.anomaly_mean.copy_(torch.randn(2, channels, generator=gen) * 0.3)
+    model.anomaly_var.copy_(1 + torch.rand(2, channels, generator=gen))
+    model.anomaly_fraction.copy_(torch.tensor([0.3, 0.1], dtype=torch.float64))
     z = torch.randn(2, channels, 2, 3, generator=gen, dtype=torch.float64) * 1.2
     got = model.log_likelihoods(z)
 
     normal = multivariate_normal(np.zeros(channels), np.eye(channels))
-    abnormal = multivariate_normal(model.anomaly_mean.numpy(), np.diag(model.anomaly_var.numpy()))
     for b in range(2):
         positions = z[b].flatten(1).T.numpy()  # (h w) x C: one C-vector per position
-        log_n, log_a = normal.logpdf(positions), abnormal.logpdf(positions)
-        per_position = np.logaddexp(np.log(0.7) + log_n, np.log(0.3) + log_a)
-        expected = {"normal": log_n.sum(), "anomalous": per_position.sum(),
-                    "mixture": logsumexp([np.log(0.8) + log_n.sum(), np.log(0.2) + per_position.sum()])}
+        log_n = normal.logpdf(positions)
+        per_type, odds = [], []
+        for t, rho in enumerate((0.3, 0.1)):
+            abnormal = multivariate_normal(model.anomaly_mean[t].numpy(), np.diag(model.anomaly_var[t].numpy()))
+            log_a = abnormal.logpdf(positions)
+            per_type.append(np.logaddexp(np.log(1 - rho) + log_n, np.log(rho) + log_a).sum())
+            odds.append(np.log(rho) + log_a - np.log(1 - rho) - log_n)
+        anomalous = logsumexp(per_type) - np.log(2)
+        expected = {"normal": log_n.sum(), "anomalous": anomalous,
+                    "mixture": logsumexp([np.log(0.8) + log_n.sum(), np.log(0.2) + anomalous])}
         for key, value in expected.items():
             assert got[key][b].item() == pytest.approx(value, rel=1e-10), key
-        odds = np.log(0.3) + log_a - np.log(0.7) - log_n
-        np.testing.assert_allclose(got["position_log_odds"][b].flatten().numpy(), odds, rtol=1e-10)
-        assert model.posterior_log_odds(z)[b].item() == pytest.approx(
-            np.log(0.2 / 0.8) + per_position.sum() - log_n.sum(), rel=1e-6)
+        np.testing.assert_allclose(got["per_type"][b].numpy(), per_type, rtol=1e-10)
+        for t in range(2):
+            np.testing.assert_allclose(got["position_log_odds"][b, t].flatten().numpy(), odds[t], rtol=1e-10)
+        assert model.posterior_log_odds(z)[b].item() == pytest.approx(np.log(0.2 / 0.8) + anomalous - log_n.sum(),
+                                                                      rel=1e-6)
 
 
-def test_without_labelled_anomalies_it_is_aeflow():
+@pytest.mark.parametrize("stages", [[16], [8, 16]])
+def test_without_labelled_anomalies_it_is_aeflow(stages):
     torch.manual_seed(0)
-    aeflow = AEFlow(**SMALL)
-    gmm = small_gmm()
+    aeflow = AEFlow(**{**SMALL, "stages": stages})
+    gmm = small_gmm(stages=stages)
     missing, unexpected = gmm.load_state_dict(aeflow.state_dict(), strict=False)
-    assert not unexpected and set(missing) == {"anomaly_mean", "anomaly_var", "anomaly_fraction",
+    assert not unexpected and set(missing) == {"anomaly_mean", "anomaly_var", "anomaly_fraction", "gamma",
                                                "semi_supervised", "posterior_mean", "posterior_std"}
     batch = collate(list(synthetic().train))
     expected, got = aeflow.loss(batch), gmm.loss(batch)  # training mode: both standardise on this batch
@@ -104,16 +113,71 @@ def test_labelled_anomalies_train_the_anomalous_component_only():
     out = model.predict(batch.image)
     assert {"score_posterior", "map_posterior"} <= set(out) and out["map_posterior"].shape == (6, 64, 64)
     z = (out["score_posterior"] - model.posterior_mean) / model.posterior_std
-    assert torch.allclose(out["pred_score"], z)  # gamma = 1: the standardised posterior log-odds
+    # 3 + 3 validation images are too few to choose gamma: the label-free 0.5 between the posterior and AE-FLOW.
+    assert model.blend_weights()["gamma"] == 0.5
+    aeflow_score = AEFlow.blend(model, {k: v for k, v in out.items()})
+    assert torch.allclose(out["pred_score"], 0.5 * z + 0.5 * aeflow_score, atol=1e-5)
 
     rebuilt = create_model("aeflow_gmm", **model.config())
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(rebuilt.eval().predict(batch.image)["pred_score"], out["pred_score"])
 
 
+def test_each_type_trains_its_own_component():
+    data = synthetic(labelled_anomalies=4)
+    labelled = list(data.labelled)
+    types = sorted({s.anomaly_type for s in labelled})
+    model = small_gmm(anomaly_types=[*types, "unseen"], map_mode="posterior")
+    batch = collate([*list(data.train)[:4], *labelled])
+    model.loss(batch)
+    moved = model.anomaly_mean.norm(dim=1) > 0
+    assert moved[: len(types)].all() and not moved[-1]  # no labelled image of type "unseen": its start is kept
+    assert float(model.anomaly_var[-1].mean()) == 4.0 and float(model.anomaly_fraction[-1]) == pytest.approx(0.1)
+
+    model.eval()
+    model.fit_reference([collate(list(data.train))])
+    model.calibrate([collate(list(data.val))])
+    out = model.predict(batch.image)
+    assert out["type_posterior"].shape == (8, len(types) + 1)
+    assert torch.allclose(out["type_posterior"].sum(1), torch.ones(8, dtype=out["type_posterior"].dtype))
+    assert torch.equal(out["anomaly_map"], out["map_posterior"])
+    with pytest.raises(ConfigError, match="no mixture component"):
+        small_gmm(anomaly_types=["other"]).loss(batch)
+
+
+def test_gamma_is_chosen_on_the_validation_labels_it_is_given():
+    """A posterior that ranks the validation split well against an AE-FLOW score that ranks it upside down: the
+    validated gamma moves to the posterior; with the labels shuffled it stays at the label-free 0.5."""
+    model = small_gmm()
+    model.semi_supervised.fill_(True)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 40 + [1] * 40)
+
+    def collected(labels_given):
+        c = model.calibration_set()
+        parts = {name: torch.randn(80, generator=gen) - 2 * labels for name in model.components}
+        parts.update(map_residual=torch.rand(80, 4, 4, generator=gen), map_flow=torch.rand(80, 4, 4, generator=gen))
+        parts["score_posterior"] = torch.randn(80, generator=gen) + 2 * labels
+        c.add(parts, labels_given)
+        return c
+
+    model.fit_calibration(collected(labels))
+    assert model.blend_weights()["gamma"] == 1.0
+    model.fit_calibration(collected(labels[torch.randperm(80, generator=gen)]))
+    assert model.blend_weights()["gamma"] == 0.5
+    fixed = small_gmm(gamma=0.25)
+    fixed.semi_supervised.fill_(True)
+    fixed.fit_calibration(collected(labels))
+    assert fixed.blend_weights()["gamma"] == 0.25
+
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="gamma"):
         small_gmm(gamma=1.5)
+    with pytest.raises(ConfigError, match="gamma"):
+        small_gmm(gamma="best")
+    with pytest.raises(ConfigError, match="anomaly_types"):
+        small_gmm(anomaly_types=["a", "a"])
     with pytest.raises(ConfigError, match="unlabelled_anomaly_prior"):
         small_gmm(unlabelled_anomaly_prior=0.0)
     with pytest.raises(ConfigError, match="initial_var"):

@@ -190,3 +190,26 @@ def test_kept_epoch_and_blend_weights_never_see_test_labels(tmp_path):
         chosen.append(json.loads((run / "selection.json").read_text()))
     assert chosen[0]["criterion"] == "val_image_AUROC" and set(chosen[0]["blend_weights"]) >= {"score_flow_nll"}
     assert chosen[0] == chosen[1]
+
+
+def test_semi_supervised_gamma_and_types_never_see_test_labels(tmp_path):
+    """The same for AE-FLOW-GMM trained with 6 labelled phantoms: gamma (chosen on the 20 + 20 labelled validation
+    images) and the rest of the selection come out the same with every test label flipped, and the mixture has a
+    component per labelled lesion type, recorded in the run's config."""
+    import dataclasses
+
+    from aeflow.data import DataSplits, load_data
+
+    data_options = {"layout": "synthetic", "n_train": 16, "n_val": 40, "n_test": 12}
+    data = load_data(image_size=64, seed=0, labelled_anomalies=6, **data_options)
+    flipped = dataclasses.replace(data.records, test=[dataclasses.replace(r, label=1 - r.label) for r in data.records.test])
+    swapped = DataSplits.from_records(flipped, image_size=64, channels=1)
+    config = tiny_config(model="aeflow_gmm", max_epochs=2, data=data_options, labelled_anomalies=6)
+    chosen = []
+    for name, splits in (("plain", data), ("flipped", swapped)):
+        run = train(config, tmp_path / name, data=splits)
+        chosen.append(json.loads((run / "selection.json").read_text()))
+    assert "gamma" in chosen[0]["blend_weights"]
+    assert chosen[0] == chosen[1]
+    types = json.loads((tmp_path / "plain" / "config.json").read_text())["model_config"]["anomaly_types"]
+    assert types == sorted({r.anomaly_type for r in data.records.labelled}) and types

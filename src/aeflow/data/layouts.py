@@ -103,7 +103,7 @@ def build_records(layout: str, root: str | Path | None, *, seed: int = 0, skip_b
     if labelled_anomalies and not pool:
         raise ConfigError(f"layout {layout!r} found no anomalous training images to label (anomalies outside val "
                           f"and test); labelled_anomalies needs one of: medmnist, synthetic, chest_xray, oct2017, "
-                          f"isic2018, folder (with train_abnormal_dirs)")
+                          f"isic2018, magnetic_tile (with labelled_pool), folder (with train_abnormal_dirs)")
     labelled = pick_labelled(pool, labelled_anomalies, seed)
     warn_about_splits(layout, root_path, val, test)
     records = SplitRecords(train, val, test, layout=layout, root=str(root_path) if root_path else None, seed=seed,
@@ -682,34 +682,45 @@ def medmnist(root: Path | None, scan: Scan, *, normal_labels=(0,), label_names=N
 
 
 @register("magnetic_tile")
-def magnetic_tile(root: Path | None, scan: Scan, *, train_fraction: float = 0.8, val_fraction: float = 0.1):
+def magnetic_tile(root: Path | None, scan: Scan, *, train_fraction: float = 0.8, val_fraction: float = 0.1,
+                  labelled_pool: float = 0.0):
     """Magnetic-tile surface defects: `MT_<class>/Imgs/<name>.jpg`, each with a same-name `.png` mask
     (binarised > 127). MT_Free is normal, every other class a defect type (blowhole, break, ...).
 
     Project convention: MT_Free names, sorted, are shuffled with the seed; `train_fraction` (80%) are
     training normals and the rest test normals; every defect image is a test anomaly with its mask.
     Validation: `val_fraction` of the training normals (normal-only; there are no anomalies outside test).
+
+    Training pool for `labelled_anomalies`: `labelled_pool` (default 0: none) of each defect type's images,
+    drawn with the seed, leave the test split for the pool (which shrinks the test set by as many defects, labelled
+    or not: compare runs made with the same labelled_pool). The test normals do not change.
     """
     root = _require_root(root, "magnetic_tile")
     train_fraction = _fraction("train_fraction", train_fraction)
+    labelled_pool = _fraction("labelled_pool", labelled_pool)
     class_dirs = sorted(d for d in root.glob("MT_*") if d.is_dir())
     if not any(d.name == "MT_Free" for d in class_dirs):
         raise DataError(f"{root}: expected MT_Free/ and MT_<defect>/ folders with Imgs/ inside")
-    normals, defects = [], []
+    normals, defects, pool = [], [], []
     for class_dir in class_dirs:
         files = _image_files(_folder(class_dir / "Imgs"))
         masks = {_stem(f): str(f) for f in files if f.suffix.lower() == ".png"}
         is_normal = class_dir.name == "MT_Free"
+        records = []
         for file in (f for f in files if f.suffix.lower() == ".jpg"):
             if _stem(file) not in masks:
                 scan.bad(BadFileError(file, f"no mask {_stem(file)}.png beside it"))
                 continue
-            record = Record(str(file), 0 if is_normal else 1, NORMAL if is_normal else class_dir.name[3:].lower(),
-                            mask=masks[_stem(file)])
-            (normals if is_normal else defects).append(record)
+            records.append(Record(str(file), 0 if is_normal else 1, NORMAL if is_normal else class_dir.name[3:].lower(),
+                                  mask=masks[_stem(file)]))
+        if is_normal:
+            normals += records
+        else:
+            kept, labelled = _carve(records, labelled_pool, scan.seed + 2)
+            defects, pool = defects + kept, pool + labelled
     train, test_normals = _carve(normals, 1.0 - train_fraction, scan.seed)
     train, val = _carve(train, _fraction("val_fraction", val_fraction), scan.seed + 1)
-    return train, val, test_normals + defects
+    return train, val, test_normals + defects, pool
 
 
 # --- synthetic -----------------------------------------------------------------------------------------------------------

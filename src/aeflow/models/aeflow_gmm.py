@@ -5,15 +5,21 @@ Hospitals usually hold a few confirmed abnormal cases; plain AE-FLOW ignores the
 
 - normal (label 0): N(z'; 0, I), exactly AE-FLOW's prior, so with no labelled anomaly the loss, the weights
   and the scores are AE-FLOW's (the K = 0 reduction, tested);
-- anomalous (label 1): each spatial position's C-vector z'_p is drawn from the per-position mixture
-  (1 - rho) N(0, I_C) + rho N(mu, diag(var)): an abnormal image is a normal one in which a fraction rho of the
-  positions show the abnormality (a lesion covers a few positions, pneumonia many);
+- anomalous (label 1) of type t: each spatial position's C-vector z'_p is drawn from the per-position mixture
+  (1 - rho_t) N(0, I_C) + rho_t N(mu_t, diag(var_t)): an abnormal image is a normal one in which a fraction rho_t
+  of the positions show the abnormality (a lesion covers a few positions, pneumonia many). One such component
+  per anomaly type when the labelled images name their types (`anomaly_types`; training fills it from the
+  labelled images: the magnetic tile's blowhole, break, crack, fray, uneven), else one; p(z' | anomalous) is the
+  mean of the types' likelihoods (equal type priors), and p(t | z', anomalous) is in the outputs;
 - unlabelled (label -1, e.g. a contaminated training pool): the image-level mixture
   pi0 p(z' | normal) + pi1 p(z' | anomalous), pi1 = `unlabelled_anomaly_prior`. (aeflow's layouts label
   their training images normal, so this case is there for data that say -1.)
 
-The flow loss is AE-FLOW's bits per dimension, -(log p(z' | label) + log|det|) / (D ln 2); the reconstruction
-loss stays on images not labelled anomalous, so the decoder still learns what normal looks like.
+The flow loss is AE-FLOW's bits per dimension, -(log p(z' | label) + log|det|) / (D ln 2), on the deepest
+(stride-16, decoded) stage. With several `stages` (AE-FLOW's default: strides 8 and 16) the earlier stages' flows
+keep AE-FLOW's N(0, I) loss on the images not labelled anomalous, and so does the reconstruction loss: the decoder,
+the side flows and AE-FLOW's per-position reference (fitted on normal training images only) still learn what
+normal looks like, and AE-FLOW's own score stays an unsupervised one to blend with the posterior.
 
 Choices, and why (numbers: docs/semi_supervised.md):
 - Means: the normal component is fixed at N(0, I). The anomalous mu, its per-channel variance and rho are
@@ -39,10 +45,18 @@ Choices, and why (numbers: docs/semi_supervised.md):
   anomaly map (`map_posterior`). The probability can still round to 0 or 1 on large maps, so the score
   component is the log-odds itself, `score_posterior` (the logit of p(anomalous | z'): same ranking, no
   saturation). A temperature would not change the ranking, so there is none.
-- Image score: `gamma` * z(score_posterior) + (1 - gamma) * AE-FLOW's image score, z() standardising on normal
-  validation images (`calibrate`) as AE-FLOW's "standardized" mode does. Default gamma = 1 (posterior only):
-  on PneumoniaMNIST (K = 20, 3 epochs, seed 0) the posterior alone ranked best (test AUROC 0.951; the 0.5 blend
-  with AE-FLOW's score 0.935), and AE-FLOW's components stay in the output for whoever wants the blend.
+- Image score: gamma * z(score_posterior) + (1 - gamma) * AE-FLOW's image score, z() standardising on normal
+  validation images (`calibrate`) as AE-FLOW's blend does. gamma = "validated" (the default) chooses it on the
+  validation split when that holds labelled anomalies (at least MIN_VALIDATION_PER_CLASS of each class): the
+  gamma of the grid 0, 0.05, ..., 1 with the highest validation AUROC, kept only when it beats the label-free
+  gamma = 0.5 by more than one standard error of that AUROC (AE-FLOW's rule for its own blend). Without labelled
+  validation anomalies gamma = 0.5: two standardised scores, one learnt from the labels and one from the
+  normals, weighed equally. Why not a fixed 1 (posterior only, the first default): on PneumoniaMNIST's
+  validation split gamma = 1 ranked best at K = 20 but worst at K = 5, where AE-FLOW's own score was best
+  (docs/semi_supervised.md). The chosen gamma is in `blend_weights()` and so in the run's metrics.json.
+- Maps: `map_mode="posterior"` makes the per-position posterior that a position is abnormal
+  (`map_posterior`, the type posteriors' mixture of the per-type maps) the anomaly map; any of AE-FLOW's map
+  modes otherwise (default: AE-FLOW's). `map_posterior` is in the outputs either way.
 - Rejected: a discriminative term (cross-entropy of the image posterior on labelled images, the "hybrid"
   objective). On 128-px phantoms (difficulty 0.5) with 20 labels it over-fitted them (test posterior AUROC
   0.47 / 0.55), and on PneumoniaMNIST it was no better than the generative FlowGMM objective alone (0.958
@@ -52,7 +66,7 @@ Choices, and why (numbers: docs/semi_supervised.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -60,71 +74,93 @@ import torch.nn.functional as F
 
 from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
-from aeflow.models.aeflow import AEFlow, CalibrationSet
-from aeflow.models.base import register
+from aeflow.models.aeflow import AEFlow, CalibrationSet, _auroc_standard_error, _aurocs, _bits_per_dim
+from aeflow.models.base import MIN_VALIDATION_PER_CLASS, register
 from aeflow.nn.blocks import gaussian_blur
 from aeflow.nn.flow import bits_per_dim, standard_normal_log_prob
 
+#: gamma without labelled validation anomalies, and the one a validated gamma must beat (module docstring).
+LABEL_FREE_GAMMA = 0.5
+GAMMA_GRID = tuple(i / 20 for i in range(21))
+
+
 @register("aeflow_gmm")
 class AEFlowGMM(AEFlow):
-    """AE-FLOW with a two-component Gaussian-mixture latent prior; takes every AEFlow option, plus:
+    """AE-FLOW with a Gaussian-mixture latent prior (a normal and one anomalous component per anomaly type);
+    takes every AEFlow option, plus:
 
-    gamma: weight of the standardised posterior log-odds in the image score (1 = posterior only).
+    gamma: weight of the standardised posterior log-odds in the image score (1 = posterior only), or
+        "validated" (chosen on the validation split; see the module docstring).
+    anomaly_types: the anomaly types of the labelled images, one mixture component each (None: one component for
+        every labelled anomaly). Training fills it from the labelled images when it is not given.
+    map_mode: AE-FLOW's map modes, or "posterior" (`map_posterior`).
     unlabelled_anomaly_prior: pi1, the prior probability that an unlabelled image is anomalous; it also sets
         the prior odds in `score_posterior`.
     em_momentum: weight of each batch's EM estimate in the running anomalous-component statistics.
-    initial_var, initial_fraction: the anomalous component's start (see the module docstring).
+    initial_var, initial_fraction: the anomalous components' start (see the module docstring).
 
     Until a training batch has held a labelled anomaly, every output is AE-FLOW's; after that, predict adds
-    `score_posterior` and `map_posterior` (B x H x W), and pred_score uses the posterior.
+    `score_posterior`, `map_posterior` (B x H x W) and, with several types, `type_posterior` (B x T, p(type | z',
+    anomalous), columns in the order of `anomaly_types`), and pred_score blends in the posterior.
     """
 
     learns_from_labelled_anomalies = True
+    takes_anomaly_types = True
 
-    def __init__(self, *, gamma: float = 1.0, unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05,
+    def __init__(self, *, gamma: float | str = "validated", anomaly_types: Sequence[str] | None = None,
+                 map_mode: str = "position", unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05,
                  initial_var: float = 4.0, initial_fraction: float = 0.1, **aeflow_options):
-        aeflow_options.setdefault("stages", (16,))
-        super().__init__(**aeflow_options)
-        if self.side_flows:
-            raise ConfigError("aeflow_gmm puts its mixture prior on the stride-16 latent only: use stages=[16]")
-        for name, value in (("gamma", gamma), ("em_momentum", em_momentum)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+        self.posterior_map = map_mode == "posterior"
+        if self.posterior_map:  # AE-FLOW's own map until the mixture is trained
+            map_mode = "position" if aeflow_options.get("reference", "position") == "position" else "residual"
+        super().__init__(map_mode=map_mode, **aeflow_options)
+        if gamma != "validated" and (isinstance(gamma, (bool, str)) or not 0.0 <= gamma <= 1.0):
+            raise ConfigError(f"gamma must lie in [0, 1] or be 'validated', got {gamma!r}")
+        if not 0.0 <= em_momentum <= 1.0:
+            raise ConfigError(f"em_momentum must lie in [0, 1], got {em_momentum}")
         if not 0.0 < unlabelled_anomaly_prior < 1.0:
             raise ConfigError(f"unlabelled_anomaly_prior must lie in (0, 1), got {unlabelled_anomaly_prior}")
         if initial_var < 1.0 or not 0.0 < initial_fraction < 1.0:
             raise ConfigError(f"initial_var must be >= 1 and initial_fraction in (0, 1), got {initial_var}, "
                               f"{initial_fraction}")
-        self.gamma = gamma
+        if anomaly_types is not None and (not anomaly_types or len(set(anomaly_types)) != len(anomaly_types)):
+            raise ConfigError(f"anomaly_types must name distinct types, got {anomaly_types!r}")
+        self.validated_gamma = gamma == "validated"
+        self.anomaly_types = tuple(anomaly_types) if anomaly_types is not None else None
         self.log_pi = (math.log(1 - unlabelled_anomaly_prior), math.log(unlabelled_anomaly_prior))
         self.log_prior_odds = self.log_pi[1] - self.log_pi[0]
         self.em_momentum = em_momentum
-        channels = self.encoder.out_channels
-        # The anomalous component N(mu, diag(var)) and rho, estimated by EM from labelled anomalies.
-        self.register_buffer("anomaly_mean", torch.zeros(channels))
-        self.register_buffer("anomaly_var", torch.full((channels,), float(initial_var)))
-        self.register_buffer("anomaly_fraction", torch.tensor(float(initial_fraction)))
+        channels, types = self.encoder.out_channels, len(self.anomaly_types or ("anomalous",))
+        # The anomalous components N(mu_t, diag(var_t)) and rho_t, estimated by EM from labelled anomalies.
+        self.register_buffer("anomaly_mean", torch.zeros(types, channels))
+        self.register_buffer("anomaly_var", torch.full((types, channels), float(initial_var)))
+        self.register_buffer("anomaly_fraction", torch.full((types,), float(initial_fraction)))
         # True once a training batch held a labelled anomaly; until then every output is AE-FLOW's.
         self.register_buffer("semi_supervised", torch.tensor(False))
         self.register_buffer("posterior_mean", torch.zeros(()))
         self.register_buffer("posterior_std", torch.ones(()))
+        self.register_buffer("gamma", torch.tensor(LABEL_FREE_GAMMA if self.validated_gamma else float(gamma)))
 
     # Prior ----------------------------------------------------------------------------------------------
 
     def log_likelihoods(self, z_prime: torch.Tensor) -> dict[str, torch.Tensor]:
-        """log p(z' | normal), log p(z' | anomalous), log p(z') under the mixture (each (B,)), and the
-        per-position log-odds that a position of an anomalous image is abnormal (B x h x w)."""
-        normal = standard_normal_log_prob(z_prime).sum(1)  # B x h x w
-        std = self.anomaly_var.sqrt().view(1, -1, 1, 1)
-        abnormal = (standard_normal_log_prob((z_prime - self.anomaly_mean.view(1, -1, 1, 1)) / std) - std.log()).sum(1)
-        log_rho, log_not_rho = self.anomaly_fraction.log(), (1 - self.anomaly_fraction).log()
-        position = torch.logaddexp(log_not_rho + normal, log_rho + abnormal)
-        log_normal, log_anomalous = normal.flatten(1).sum(1), position.flatten(1).sum(1)
+        """log p(z' | normal), log p(z' | type t) (B x T), log p(z' | anomalous) = log mean_t p(z' | t),
+        log p(z') under the image-level mixture (each (B,) unless said), and the per-position log-odds that a
+        position of an anomalous image of type t is abnormal (B x T x h x w)."""
+        normal = standard_normal_log_prob(z_prime).sum(1)[:, None]  # B x 1 x h x w
+        mean, std = self.anomaly_mean[:, :, None, None], self.anomaly_var.sqrt()[:, :, None, None]  # T x C x 1 x 1
+        z = z_prime[:, None]  # B x 1 x C x h x w
+        abnormal = (standard_normal_log_prob((z - mean) / std) - std.log()).sum(2)  # B x T x h x w
+        rho = self.anomaly_fraction[:, None, None]
+        position = torch.logaddexp((1 - rho).log() + normal, rho.log() + abnormal)
+        log_normal, per_type = normal.flatten(1).sum(1), position.flatten(2).sum(2)
+        log_anomalous = torch.logsumexp(per_type, 1) - math.log(per_type.shape[1])
         return {
             "normal": log_normal,
+            "per_type": per_type,
             "anomalous": log_anomalous,
             "mixture": torch.logaddexp(self.log_pi[0] + log_normal, self.log_pi[1] + log_anomalous),
-            "position_log_odds": log_rho + abnormal - log_not_rho - normal,
+            "position_log_odds": rho.log() + abnormal - (1 - rho).log() - normal,
         }
 
     def posterior_log_odds(self, z_prime: torch.Tensor) -> torch.Tensor:
@@ -132,44 +168,65 @@ class AEFlowGMM(AEFlow):
         ll = self.log_likelihoods(z_prime)
         return self.log_prior_odds + ll["anomalous"] - ll["normal"]
 
+    def type_index(self, anomaly_types: Sequence[str]) -> torch.Tensor:
+        """The component of each labelled anomaly (0 for all without `anomaly_types`)."""
+        if self.anomaly_types is None:
+            return torch.zeros(len(anomaly_types), dtype=torch.long)
+        unknown = sorted(set(anomaly_types) - set(self.anomaly_types))
+        if unknown:
+            raise ConfigError(f"labelled anomaly type {unknown[0]!r} has no mixture component: anomaly_types is "
+                              f"{list(self.anomaly_types)}")
+        return torch.tensor([self.anomaly_types.index(t) for t in anomaly_types], dtype=torch.long)
+
     # Loss -----------------------------------------------------------------------------------------------
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """AE-FLOW's loss, alpha * L_flow + (1 - alpha) * MSE, with each image's flow likelihood taken under
-        its label's prior (see the module docstring) and the MSE over images not labelled anomalous."""
+        """AE-FLOW's loss, alpha * L_flow + (1 - alpha) * MSE, with each image's deepest-stage flow likelihood
+        taken under its label's prior (see the module docstring), the earlier stages' flow terms and the MSE over
+        images not labelled anomalous; L_flow averages the stages as AE-FLOW's does."""
         x, labels = batch.image, batch.label.to(batch.image.device)
-        z_prime, log_det, x_rec = self(x)
-        if self.training and (labels == 1).any():
-            self._em_step(z_prime.detach().float()[labels == 1])
+        latents, x_rec = self.flow_and_reconstruction(x)
+        z_prime, log_det = latents[-1]
+        anomalous = labels == 1
+        types = self.type_index([t for t, a in zip(batch.anomaly_type, anomalous.tolist()) if a]).to(x.device)
+        if self.training and anomalous.any():
+            self._em_step(z_prime.detach().float()[anomalous], types)
         ll = self.log_likelihoods(z_prime.float())
-        log_pz = torch.where(labels == 1, ll["anomalous"], torch.where(labels == 0, ll["normal"], ll["mixture"]))
-        loss_flow = bits_per_dim(log_pz, log_det.float(), z_prime[0].numel()).mean()
-        kept = labels != 1
+        log_labelled = ll["normal"].clone()
+        log_labelled[anomalous] = ll["per_type"][anomalous].gather(1, types[:, None])[:, 0]
+        log_pz = torch.where(labels == 0, ll["normal"], torch.where(anomalous, log_labelled, ll["mixture"]))
+        kept = ~anomalous
+        stage_terms = [_bits_per_dim(z, d)[kept].mean() for z, d in latents[:-1]] if kept.any() else []
+        loss_flow = torch.stack([*stage_terms, bits_per_dim(log_pz, log_det.float(), z_prime[0].numel()).mean()]).mean()
         loss_recon = F.mse_loss(x_rec[kept].float(), x[kept].float()) if kept.any() else x_rec.new_zeros(())
         losses = {"loss": self.alpha * loss_flow + (1 - self.alpha) * loss_recon, "loss_flow": loss_flow,
                   "loss_recon": loss_recon}
-        if (labels == 1).any():
-            losses["anomaly_fraction"] = self.anomaly_fraction.clone()
-            losses["anomaly_mean_norm"] = self.anomaly_mean.norm()
+        if anomalous.any():
+            losses["anomaly_fraction"] = self.anomaly_fraction.mean().clone()
+            losses["anomaly_mean_norm"] = self.anomaly_mean.norm(dim=1).mean()
             losses["anomaly_var"] = self.anomaly_var.mean()
         return losses
 
     @torch.no_grad()
-    def _em_step(self, z_anomalous: torch.Tensor) -> None:
-        """One EM step, averaged with `em_momentum`, for mu, var and rho on the positions of labelled anomalous
-        images: responsibilities r_p = p(position abnormal | z'_p), then r-weighted mean, variance and mean r.
+    def _em_step(self, z_anomalous: torch.Tensor, types: torch.Tensor) -> None:
+        """One EM step per anomaly type in the batch, averaged with `em_momentum`, for mu_t, var_t and rho_t on the
+        positions of that type's labelled images: responsibilities r_p = p(position abnormal | z'_p, t), then
+        r-weighted mean, variance and mean r.
 
         The variance is kept >= 1 (abnormal tissue varies at least as much as normal tissue), which is also
         what breaks the symmetry of the start (mu = 0, var = 1, both components equal): the first step gives
         the anomalous component the spread of all positions of anomalous images, which is wider than N(0, I)."""
-        r = torch.sigmoid(self.log_likelihoods(z_anomalous)["position_log_odds"])[:, None]  # B x 1 x h x w
-        weight = r.sum().clamp_min(1e-6)
-        mean = (r * z_anomalous).sum((0, 2, 3)) / weight
-        var = (r * (z_anomalous - mean.view(1, -1, 1, 1)).pow(2)).sum((0, 2, 3)) / weight
+        odds = self.log_likelihoods(z_anomalous)["position_log_odds"]  # B x T x h x w
         m = self.em_momentum
-        self.anomaly_mean.lerp_(mean, m)
-        self.anomaly_var.lerp_(var.clamp_min(1.0), m)
-        self.anomaly_fraction.lerp_(r.mean().clamp(0.01, 0.99), m)
+        for t in types.unique().tolist():
+            mine = types == t
+            z, r = z_anomalous[mine], torch.sigmoid(odds[mine, t])[:, None]  # b x C x h x w, b x 1 x h x w
+            weight = r.sum().clamp_min(1e-6)
+            mean = (r * z).sum((0, 2, 3)) / weight
+            var = (r * (z - mean.view(1, -1, 1, 1)).pow(2)).sum((0, 2, 3)) / weight
+            self.anomaly_mean[t].lerp_(mean, m)
+            self.anomaly_var[t].lerp_(var.clamp_min(1.0), m)
+            self.anomaly_fraction[t].lerp_(r.mean().clamp(0.01, 0.99), m)
         self.semi_supervised.fill_(True)
 
     # Scores ---------------------------------------------------------------------------------------------
@@ -177,19 +234,23 @@ class AEFlowGMM(AEFlow):
     @torch.no_grad()
     def score_components(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """AE-FLOW's components, plus (once trained with labelled anomalies) `score_posterior`, the
-        posterior log-odds of the anomalous component, and `map_posterior`, the per-position posterior
-        that a position is abnormal, up-sampled and smoothed like AE-FLOW's flow map."""
+        posterior log-odds of the anomalous components, `map_posterior`, the per-position posterior that a
+        position is abnormal (each type's, weighed by p(type | z', anomalous)), up-sampled and smoothed like
+        AE-FLOW's maps, and with several types `type_posterior` (B x T)."""
         latents: list[torch.Tensor] = []
         with self._on_latent(latents.append):
             parts = super().score_components(images)
         if not bool(self.semi_supervised):
             return parts
         ll = self.log_likelihoods(latents[0].float())
-        position = torch.sigmoid(ll["position_log_odds"])[:, None]
+        type_posterior = torch.softmax(ll["per_type"], 1)  # B x T
+        position = (type_posterior[:, :, None, None] * torch.sigmoid(ll["position_log_odds"])).sum(1, keepdim=True)
         size = images.shape[-2:]
         upsampled = F.interpolate(position, size=size, mode="bilinear", align_corners=False)[:, 0]
         parts["score_posterior"] = self.log_prior_odds + ll["anomalous"] - ll["normal"]
         parts["map_posterior"] = gaussian_blur(upsampled, 4.0 * size[-1] / 256)
+        if self.anomaly_types is not None and len(self.anomaly_types) > 1:
+            parts["type_posterior"] = type_posterior
         return parts
 
     def blend(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -200,17 +261,61 @@ class AEFlowGMM(AEFlow):
         return self.gamma * z_posterior + (1 - self.gamma) * score
 
     @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().predict(images)
+        if self.posterior_map and "map_posterior" in out:
+            out["anomaly_map"] = out["map_posterior"]
+        return out
+
+    @torch.no_grad()
     def fit_calibration(self, collected: CalibrationSet) -> None:
-        """AE-FLOW's calibration, plus the mean and std of `score_posterior` over the same normal images."""
+        """AE-FLOW's calibration, plus the mean and std of `score_posterior` over the same normal images and,
+        with gamma="validated" and labelled validation anomalies, gamma (see the module docstring)."""
         super().fit_calibration(collected)
+        if not bool(self.semi_supervised):
+            return
+        labels = collected.label_tensor()
+        posterior = collected.component("score_posterior")
+        self.posterior_mean.fill_(posterior[labels <= 0].mean())
+        self.posterior_std.fill_(posterior[labels <= 0].std().clamp_min(1e-12))
+        anomalous = labels == 1
+        if not self.validated_gamma:
+            return
+        self.gamma.fill_(LABEL_FREE_GAMMA)
+        if min(int((~anomalous).sum()), int(anomalous.sum())) < MIN_VALIDATION_PER_CLASS:
+            return
+        z_posterior = (posterior - self.posterior_mean.double()) / self.posterior_std.double()
+        aeflow_score = sum(float(self.blend_weight[i]) * (collected.component(name) - float(self.score_mean[i]))
+                           / float(self.score_std[i]) for i, name in enumerate(self.components))
+        grid = torch.tensor(GAMMA_GRID, dtype=torch.float64)
+        aurocs = _aurocs(z_posterior[:, None] * grid + aeflow_score[:, None] * (1 - grid), anomalous)
+        label_free = float(aurocs[GAMMA_GRID.index(LABEL_FREE_GAMMA)])
+        i = int(aurocs.argmax())
+        if float(aurocs[i]) > label_free + _auroc_standard_error(label_free, int(anomalous.sum()),
+                                                                 int((~anomalous).sum())):
+            self.gamma.fill_(GAMMA_GRID[i])
+
+    def blend_weights(self) -> dict[str, float]:
+        """AE-FLOW's blend weights (its part of the score) and, once trained with labels, gamma."""
+        weights = super().blend_weights()
         if bool(self.semi_supervised):
-            values = collected.component("score_posterior")[collected.label_tensor() <= 0]
-            self.posterior_mean.fill_(values.mean())
-            self.posterior_std.fill_(values.std().clamp_min(1e-12))
+            weights["gamma"] = float(self.gamma)
+        return weights
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs saved before the per-type components hold one component as vectors and no gamma buffer (their
+        # gamma is the fixed number of their config, which this model was built with).
+        for name in ("anomaly_mean", "anomaly_var", "anomaly_fraction"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.ndim == getattr(self, name).ndim - 1:
+                state_dict[prefix + name] = value[None]
+        if prefix + "anomaly_mean" in state_dict:
+            state_dict.setdefault(prefix + "gamma", self.gamma.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @contextmanager
     def _on_latent(self, receive: Callable[[torch.Tensor], None]) -> Iterator[None]:
-        """Hand every z' the flow computes inside the block to `receive`: AE-FLOW's scoring and calibration
+        """Hand every z' the deepest flow computes inside the block to `receive`: AE-FLOW's scoring and calibration
         then run unchanged, in one forward pass, and the posterior is computed from the same z'."""
         handle = self.flow.register_forward_hook(lambda module, inputs, output: receive(output[0]))
         try:

@@ -197,7 +197,7 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
         if data is None:
             data = load_data(image_size=config.image_size, channels=config.channels, seed=config.seed,
                              labelled_anomalies=config.labelled_anomalies, **config.data)
-        model = _build_model(config)
+        model = _build_model(config, sorted({r.anomaly_type for r in data.records.labelled}))
         if config.strategy == "ddp_spawn":
             _check_picklable(model, config.model)
         labelled = _labelled_for_training(data, config, model)
@@ -331,12 +331,16 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tupl
     return model.to(device).eval(), config
 
 
-def _build_model(config: TrainConfig) -> AnomalyModel:
-    model = create_model(config.model, **config.model_kwargs)
-    if model.config().get("in_channels", config.channels) != config.channels and "in_channels" not in config.model_kwargs:
-        # The model's default channel count differs from the data's: rebuild it for the data.
-        model = create_model(config.model, **config.model_kwargs, in_channels=config.channels)
-    return model
+def _build_model(config: TrainConfig, labelled_types: list[str]) -> AnomalyModel:
+    """The model of `config`, fitted to the data where the config leaves it open: the data's channel count, and for
+    a model with a component per anomaly type (`takes_anomaly_types`), the types of the labelled anomalies."""
+    kwargs = dict(config.model_kwargs)
+    model = create_model(config.model, **kwargs)
+    if model.config().get("in_channels", config.channels) != config.channels and "in_channels" not in kwargs:
+        kwargs["in_channels"] = config.channels
+    if getattr(model, "takes_anomaly_types", False) and labelled_types and "anomaly_types" not in kwargs:
+        kwargs["anomaly_types"] = labelled_types
+    return model if kwargs == config.model_kwargs else create_model(config.model, **kwargs)
 
 
 def _labelled_for_training(data, config: TrainConfig, model: AnomalyModel) -> Dataset | None:
