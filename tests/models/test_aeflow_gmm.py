@@ -75,8 +75,11 @@ def test_without_labelled_anomalies_it_is_aeflow(stages):
     aeflow = AEFlow(**{**SMALL, "stages": stages})
     gmm = small_gmm(stages=stages)
     missing, unexpected = gmm.load_state_dict(aeflow.state_dict(), strict=False)
-    assert not unexpected and set(missing) == {"anomaly_mean", "anomaly_var", "anomaly_fraction", "gamma",
-                                               "semi_supervised", "posterior_mean", "posterior_std"}
+    own = {"anomaly_mean", "anomaly_var", "anomaly_fraction", "gamma", "semi_supervised", "posterior_mean",
+           "posterior_std", "reference_posterior"}
+    per_stage = {f"reference_{kind}{i}" for i in range(len(stages))
+                 for kind in ("anomaly_mean", "anomaly_var", "anomaly_fraction", "whitener")}
+    assert not unexpected and set(missing) == own | per_stage
     batch = collate(list(synthetic().train))
     expected, got = aeflow.loss(batch), gmm.loss(batch)  # training mode: both standardise on this batch
     assert set(got) == set(expected)
@@ -143,6 +146,34 @@ def test_each_type_trains_its_own_component():
     assert torch.equal(out["anomaly_map"], out["map_posterior"])
     with pytest.raises(ConfigError, match="no mixture component"):
         small_gmm(anomaly_types=["other"]).loss(batch)
+
+
+def test_reference_space_posterior_whitens_with_the_reference():
+    """w = L^T (z' - mu) has w . w = the reference's squared Mahalanobis distance; the labelled anomalies of the
+    reference pass fit the reference-space components, which then give score_posterior (the latent one is kept as
+    score_posterior_latent), and the fitted model travels through its config and buffers."""
+    data = synthetic(labelled_anomalies=3)
+    model = small_gmm(stages=[8, 16])
+    training = collate([*list(data.train), *data.labelled])
+    model.loss(training)  # one EM step of the latent components
+    model.eval()
+    model.fit_reference([training])
+    assert bool(model.reference_posterior)
+    latents = [z for z, _ in model.flow_latents(training.image)]
+    distances = model._reference_distances(latents)
+    for i in range(2):
+        torch.testing.assert_close(model._whiten(i, latents[i]).pow(2).sum(1), 2 * distances[i], rtol=1e-4, atol=1e-3)
+        assert getattr(model, f"reference_anomaly_mean{i}").norm() > 0
+        assert float(getattr(model, f"reference_anomaly_var{i}").min()) >= 1.0
+    model.calibrate([collate(list(data.val))])
+    out = model.predict(training.image)
+    assert {"score_posterior", "score_posterior_latent", "map_posterior"} <= set(out)
+    assert not torch.allclose(out["score_posterior"], out["score_posterior_latent"])
+    rebuilt = create_model("aeflow_gmm", **model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval().predict(training.image)["pred_score"], out["pred_score"])
+    with pytest.raises(ConfigError, match="posterior_space"):
+        small_gmm(reference="none", map_mode="residual", posterior_space="reference")
 
 
 def test_gamma_is_chosen_on_the_validation_labels_it_is_given():
