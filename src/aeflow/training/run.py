@@ -538,9 +538,19 @@ class _Curves:
 
 
 class _SafeModelCheckpoint(ModelCheckpoint):
-    """Lightning's checkpoint callback; the files are safetensors (written by SafeCheckpointIO)."""
+    """Lightning's checkpoint callback; the files are safetensors (written by SafeCheckpointIO).
+
+    The loggers write what they hold before each checkpoint: a run killed after its checkpoint of epoch k then
+    has epoch k's curve rows on disk too, and resuming from that checkpoint (which does not train epoch k again)
+    loses no row of the curves."""
 
     FILE_EXTENSION = ".safetensors"
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
+        super()._save_checkpoint(trainer, filepath)
 
 
 class _EpochLog(L.Callback):
