@@ -54,9 +54,10 @@ Choices, and why (numbers: docs/semi_supervised.md):
   fitted by EM to convergence on the labelled anomalies' w (the reference pass before each validation sees
   them; the whitening's Jacobian is the same under both components and cancels in the odds). The stages' image
   log-odds add up; their maps are averaged. The latent posterior (components on the deepest z', trained with
-  the flow) stays in the outputs as `score_posterior_latent`. Measured (docs/semi_supervised.md): on the
-  magnetic tile, seed 0, the reference-space posterior ranked the test set at 0.961 / 0.967 with K = 5 / 20
-  against 0.660 / 0.838 for the latent one, pixel AUROC of its map 0.81 / 0.79 against 0.59.
+  the flow) stays in the outputs as `score_posterior_latent`. Measured (docs/semi_supervised.md, same runs,
+  3 seeds): on the magnetic tile the reference-space posterior ranks the test set at 0.961 / 0.967 with K = 5 /
+  20 against 0.657 / 0.800 for the latent one; on PneumoniaMNIST 0.921 / 0.915 / 0.910 at K = 5 / 20 / 100
+  against 0.878 / 0.933 / 0.924.
 - Image score: gamma * z(score_posterior) + (1 - gamma) * AE-FLOW's image score, z() standardising on normal
   validation images (`calibrate`) as AE-FLOW's blend does. gamma = "validated" (the default) chooses it on the
   validation split when that holds labelled anomalies (at least MIN_VALIDATION_PER_CLASS of each class): the
