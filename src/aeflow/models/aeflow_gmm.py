@@ -97,7 +97,7 @@ LABEL_FREE_GAMMA = 0.5
 GAMMA_GRID = tuple(i / 20 for i in range(21))
 POSTERIOR_SPACES = ("reference", "latent")
 #: EM iterations of the reference-space components, full batch over the labelled anomalies (converged well before:
-#: the change of the means after 50 steps was below 1e-4 on the tiles and PneumoniaMNIST).
+#: on a PneumoniaMNIST run with K = 20 the means after 25, 50 and 200 steps agreed to 3e-8, their largest entry 1.4).
 REFERENCE_EM_STEPS = 50
 
 
