@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ test: $(STAMP)
 # The quick speed table (EfficientNet-Lite0, 128 px); benchmarks/ holds the others, each with its command.
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py --backbone efficientnet_lite0 --size 128
+
+# aeflow against anomalib 2.7 on this machine (benchmarks/vs_anomalib.py): a separate venv, since anomalib pins its own
+# stack; never part of `make test`. Writes docs/results/vs_anomalib.md; pass options with PEERS_ARGS="--sizes 64".
+PEERS_VENV := .venv-peers
+PEERS_PY   := $(PEERS_VENV)/bin/python
+PEERS_ARGS ?=
+
+# Created when missing; each step runs only when its import fails, so an existing .venv-peers is used as it is.
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -c "import torch, torchvision" 2>/dev/null || $(PEERS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PEERS_PY) -c "import anomalib" 2>/dev/null || $(PEERS_PY) -m pip install -q anomalib==2.7.0
+	$(PEERS_PY) -c "import aeflow" 2>/dev/null || $(PEERS_PY) -m pip install -q -e .
+	touch $(PEERS_VENV)/.installed
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_PY) benchmarks/vs_anomalib.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
