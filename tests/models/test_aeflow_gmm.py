@@ -335,3 +335,17 @@ def test_twenty_labelled_lesions_raise_the_auroc(tmp_path):
         model, _ = load_run(train({**config, "labelled_anomalies": k}, tmp_path / f"k{k}"))
         auroc[k] = roc_auc_score(test.label.numpy(), model.predict(test.image)["pred_score"].numpy())
     assert auroc[20] >= auroc[0] + GAIN, auroc
+
+
+def test_runs_saved_with_one_component_still_load():
+    """A state dict of the first version (C-vector components, no gamma buffer, no reference-space components)
+    loads into this model: one component, the config's gamma, the latent posterior."""
+    model = small_gmm(gamma=1.0)
+    saved = {k: v for k, v in model.state_dict().items()
+             if k != "gamma" and not k.startswith(("reference_anomaly", "reference_whitener", "reference_posterior"))}
+    saved["anomaly_mean"], saved["anomaly_var"] = saved["anomaly_mean"][0] + 1.0, saved["anomaly_var"][0]
+    saved["anomaly_fraction"] = saved["anomaly_fraction"][0]
+    loaded = small_gmm(gamma=1.0)
+    loaded.load_state_dict(saved)
+    assert loaded.anomaly_mean.shape == (1, loaded.encoder.out_channels) and float(loaded.anomaly_mean.mean()) == 1.0
+    assert float(loaded.gamma) == 1.0 and not bool(loaded.reference_posterior)
