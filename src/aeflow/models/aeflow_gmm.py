@@ -412,8 +412,7 @@ class AEFlowGMM(AEFlow):
         if min(int((~anomalous).sum()), int(anomalous.sum())) < MIN_VALIDATION_PER_CLASS:
             return
         z_posterior = (posterior - self.posterior_mean.double()) / self.posterior_std.double()
-        aeflow_score = sum(float(self.blend_weight[i]) * (collected.component(name) - float(self.score_mean[i]))
-                           / float(self.score_std[i]) for i, name in enumerate(self.components))
+        aeflow_score = AEFlow.blend(self, {name: collected.component(name) for name in self.components}).double()
         grid = torch.tensor(GAMMA_GRID, dtype=torch.float64)
         aurocs = _aurocs(z_posterior[:, None] * grid + aeflow_score[:, None] * (1 - grid), anomalous)
         label_free = float(aurocs[GAMMA_GRID.index(LABEL_FREE_GAMMA)])
