@@ -44,7 +44,8 @@ DATA = {
                        "labelled_pool": 0.2}, "conformal_fpr:0.05"),
 }
 #: Score components reported on their own besides the blended image score.
-COMPONENTS = ("score_position", "score_flow_nll", "score_recon", "score_posterior", "score_posterior_latent")
+COMPONENTS = ("score_position", "score_flow_nll", "score_recon", "score_posterior", "score_posterior_latent",
+              "score_posterior_image")
 
 
 def scores_of(model, dataset, batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -115,7 +116,7 @@ def model_of(row: dict) -> str:
 
 
 KEYS = ["image_AUROC", "image_F1", "AUROC_position", "AUROC_flow_nll", "AUROC_recon", "AUROC_posterior",
-        "AUROC_posterior_latent", "gamma",
+        "AUROC_posterior_latent", "AUROC_posterior_image", "gamma",
         "pixel_AUROC", "pixel_AUROC_posterior", "type_accuracy"]
 
 

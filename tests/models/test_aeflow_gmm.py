@@ -76,7 +76,8 @@ def test_without_labelled_anomalies_it_is_aeflow(stages):
     gmm = small_gmm(stages=stages)
     missing, unexpected = gmm.load_state_dict(aeflow.state_dict(), strict=False)
     own = {"anomaly_mean", "anomaly_var", "anomaly_fraction", "gamma", "semi_supervised", "posterior_mean",
-           "posterior_std", "reference_posterior"}
+           "posterior_std", "reference_posterior", "image_posterior", "image_normal_mean", "image_anomaly_mean",
+           "image_type_seen", "image_precision", "image_posterior_mean", "image_posterior_std"}
     per_stage = {f"reference_{kind}{i}" for i in range(len(stages))
                  for kind in ("anomaly_mean", "anomaly_var", "anomaly_fraction", "whitener")}
     assert not unexpected and set(missing) == own | per_stage
@@ -174,6 +175,41 @@ def test_reference_space_posterior_whitens_with_the_reference():
     torch.testing.assert_close(rebuilt.eval().predict(training.image)["pred_score"], out["pred_score"])
     with pytest.raises(ConfigError, match="posterior_space"):
         small_gmm(reference="none", map_mode="residual", posterior_space="reference")
+
+
+def test_image_level_component_is_a_linear_discriminant_of_the_pooled_whitened_latent():
+    """Its log-odds against a direct computation (Gaussians with one shared precision, seen types only), and a
+    fitted model reports it beside the per-position posterior."""
+    model = small_gmm(stages=[8, 16], anomaly_types=["a", "b", "unseen"]).double()
+    g_size = model.image_normal_mean.numel()
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(g_size, g_size, generator=gen, dtype=torch.float64)
+    model.image_precision.copy_(a @ a.T / g_size + torch.eye(g_size, dtype=torch.float64))
+    model.image_normal_mean.copy_(torch.randn(g_size, generator=gen))
+    model.image_anomaly_mean.copy_(torch.randn(3, g_size, generator=gen))
+    model.image_type_seen.copy_(torch.tensor([True, True, False]))
+    g = torch.randn(4, g_size, generator=gen, dtype=torch.float64)
+    precision = model.image_precision.numpy()
+
+    def squared(x, m):
+        return float((x - m) @ precision @ (x - m))
+
+    for b in range(4):
+        x = g[b].numpy()
+        typed = [-0.5 * squared(x, model.image_anomaly_mean[t].numpy()) for t in range(2)]
+        expected = logsumexp(typed) - np.log(2) + 0.5 * squared(x, model.image_normal_mean.numpy())
+        assert model._image_log_odds(g)[b].item() == pytest.approx(expected, rel=1e-9)
+
+    data = synthetic(labelled_anomalies=3)
+    fitted = small_gmm(stages=[8, 16])
+    training = collate([*list(data.train), *data.labelled])
+    fitted.loss(training)
+    fitted.eval()
+    fitted.fit_reference([training])
+    assert bool(fitted.image_posterior)
+    fitted.calibrate([collate(list(data.val))])
+    out = fitted.predict(training.image)
+    assert torch.isfinite(out["score_posterior_image"]).all()
 
 
 def test_gamma_is_chosen_on_the_validation_labels_it_is_given():

@@ -58,7 +58,15 @@ Choices, and why (numbers: docs/semi_supervised.md):
   3 seeds): on the magnetic tile the reference-space posterior ranks the test set at 0.961 / 0.967 with K = 5 /
   20 against 0.657 / 0.800 for the latent one; on PneumoniaMNIST 0.921 / 0.915 / 0.910 at K = 5 / 20 / 100
   against 0.878 / 0.933 / 0.924.
-- Image score: gamma * z(score_posterior) + (1 - gamma) * AE-FLOW's image score, z() standardising on normal
+- An image-level component beside the per-position one (`image_component=True`, the default with the
+  reference-space posterior): the per-position mixture is a soft OR over positions, strong when a few positions
+  are abnormal; a diffuse change (pneumonia) shifts every position a little. So each image is also pooled into
+  g = the mean and standard deviation over positions of each whitened channel, at every reference stage, and
+  scored by linear discriminant analysis: N(g; m_t, S) per labelled type against N(g; m_normal, S), m_normal and S
+  from up to IMAGE_NORMALS normal training images (Ledoit-Wolf shrinkage), m_t from the labelled images of type
+  t; one shared covariance, because K labelled images cannot estimate their own. `score_posterior_image` is its
+  log-odds; the posterior part of the image score is the mean of its and the per-position posterior's z-scores.
+- Image score: gamma * z(posterior part) + (1 - gamma) * AE-FLOW's image score, z() standardising on normal
   validation images (`calibrate`) as AE-FLOW's blend does. gamma = "validated" (the default) chooses it on the
   validation split when that holds labelled anomalies (at least MIN_VALIDATION_PER_CLASS of each class): the
   gamma of the grid 0, 0.05, ..., 1 with the highest validation AUROC, kept only when it beats the label-free
@@ -99,6 +107,8 @@ POSTERIOR_SPACES = ("reference", "latent")
 #: EM iterations of the reference-space components, full batch over the labelled anomalies (converged well before:
 #: on a PneumoniaMNIST run with K = 20 the means after 25, 50 and 200 steps agreed to 3e-8, their largest entry 1.4).
 REFERENCE_EM_STEPS = 50
+#: Normal training images (at most) whose pooled features give the image-level component's normal statistics.
+IMAGE_NORMALS = 512
 
 
 @register("aeflow_gmm")
@@ -111,6 +121,8 @@ class AEFlowGMM(AEFlow):
     anomaly_types: the anomaly types of the labelled images, one mixture component each (None: one component for
         every labelled anomaly). Training fills it from the labelled images when it is not given.
     map_mode: AE-FLOW's map modes, or "posterior" (`map_posterior`).
+    image_component: add the image-level component (a linear discriminant of the pooled whitened latent; module
+        docstring) to the reference-space posterior.
     latent_prior: train the deepest flow on the mixture prior (FlowGMM; True) or, False, every flow on the
         images not labelled anomalous only, the labels then entering through the reference-space components alone.
     posterior_space: where the posterior's components live: "reference" (the default with AE-FLOW's reference:
@@ -131,6 +143,7 @@ class AEFlowGMM(AEFlow):
 
     def __init__(self, *, gamma: float | str = "validated", anomaly_types: Sequence[str] | None = None,
                  map_mode: str = "position", posterior_space: str | None = None, latent_prior: bool = True,
+                 image_component: bool = True,
                  unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05, initial_var: float = 4.0,
                  initial_fraction: float = 0.1, **aeflow_options):
         self.posterior_map = map_mode == "posterior"
@@ -156,6 +169,7 @@ class AEFlowGMM(AEFlow):
         if not latent_prior and posterior_space != "reference":
             raise ConfigError("latent_prior=False trains no latent components: it needs posterior_space='reference'")
         self.posterior_space, self.latent_prior = posterior_space, bool(latent_prior)
+        self.image_component = bool(image_component) and posterior_space == "reference"
         self.initial_var, self.initial_fraction = float(initial_var), float(initial_fraction)
         self.validated_gamma = gamma == "validated"
         self.anomaly_types = tuple(anomaly_types) if anomaly_types is not None else None
@@ -181,6 +195,15 @@ class AEFlowGMM(AEFlow):
             self.register_buffer(f"reference_anomaly_var{i}", torch.full((types, d), self.initial_var))
             self.register_buffer(f"reference_anomaly_fraction{i}", torch.full((types,), self.initial_fraction))
             self.register_buffer(f"reference_whitener{i}", torch.empty(0))
+        # The image-level component (module docstring): Gaussians of the pooled whitened latent with one precision.
+        pooled = 2 * sum(len(getattr(self, f"reference_index{i}")) for i in range(self.n_stages))
+        self.register_buffer("image_posterior", torch.tensor(False))
+        self.register_buffer("image_normal_mean", torch.zeros(pooled))
+        self.register_buffer("image_anomaly_mean", torch.zeros(types, pooled))
+        self.register_buffer("image_type_seen", torch.zeros(types, dtype=torch.bool))
+        self.register_buffer("image_precision", torch.zeros(pooled, pooled))
+        self.register_buffer("image_posterior_mean", torch.zeros(()))
+        self.register_buffer("image_posterior_std", torch.ones(()))
 
     # Prior ----------------------------------------------------------------------------------------------
 
@@ -280,6 +303,7 @@ class AEFlowGMM(AEFlow):
         """AE-FLOW's reference from the normal training images and, from the labelled anomalies in the same pass
         (training's reference pass goes over normals and labelled anomalies), the reference-space components."""
         labelled: list[tuple[torch.Tensor, list[str]]] = []
+        normals: list[torch.Tensor] = []
 
         def passing():
             for item in images:
@@ -287,6 +311,10 @@ class AEFlowGMM(AEFlow):
                     anomalous = item.label == 1
                     labelled.append((item.image[anomalous].cpu(),
                                      [t for t, a in zip(item.anomaly_type, anomalous.tolist()) if a]))
+                kept = sum(len(x) for x in normals)
+                if self.image_component and kept < IMAGE_NORMALS:
+                    batch_images = item.image[item.label <= 0] if isinstance(item, Batch) else item
+                    normals.append(batch_images[: IMAGE_NORMALS - kept].cpu())
                 yield item
 
         super().fit_reference(passing(), all_reduce=all_reduce)
@@ -294,10 +322,14 @@ class AEFlowGMM(AEFlow):
             return
         if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
             shards: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, labelled)
-            labelled = [part for shard in shards for part in shard]
+            torch.distributed.all_gather_object(shards, (labelled, normals))
+            labelled = [part for shard in shards for part in shard[0]]
+            normals = [part for shard in shards for part in shard[1]]
         if labelled:
-            self._fit_reference_components(torch.cat([x for x, _ in labelled]), [t for _, ts in labelled for t in ts])
+            anomalies, types = torch.cat([x for x, _ in labelled]), [t for _, ts in labelled for t in ts]
+            self._fit_reference_components(anomalies, types)
+            if self.image_component and sum(len(x) for x in normals) >= 2:
+                self._fit_image_component(torch.cat(normals)[:IMAGE_NORMALS], anomalies, types)
 
     def _set_reference(self, sums) -> None:
         super()._set_reference(sums)
@@ -344,6 +376,53 @@ class AEFlowGMM(AEFlow):
                 getattr(self, f"reference_anomaly_{kind}{i}").copy_(value)
         self.reference_posterior.fill_(True)
 
+    def _pooled(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        """Per image, the mean and std over positions of each channel of the whitened latent w, at every reference
+        stage (B x G)."""
+        parts = []
+        for i in range(self.n_stages):
+            w = self._whiten(i, latents[i]).flatten(2)
+            parts += [w.mean(2), w.std(2)]
+        return torch.cat(parts, 1)
+
+    def _pooled_images(self, images: torch.Tensor) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        device = self.score_mean.device
+        pooled = torch.cat([self._pooled([z for z, _ in self.flow_latents(chunk.to(device).float())])
+                            for chunk in images.split(32)])
+        self.train(was_training)
+        return pooled
+
+    @torch.no_grad()
+    def _fit_image_component(self, normals: torch.Tensor, anomalies: torch.Tensor, anomaly_types: list[str]) -> None:
+        """Linear discriminant analysis on the pooled whitened latent: the normal images' mean and covariance
+        (Ledoit-Wolf shrinkage: a few hundred images for a few hundred features), each type's mean from its
+        labelled images, the normal covariance shared (K labelled images cannot estimate their own)."""
+        from sklearn.covariance import ledoit_wolf
+
+        g_normal, g_anomalous = self._pooled_images(normals).double(), self._pooled_images(anomalies).double()
+        covariance, _ = ledoit_wolf(g_normal.cpu().numpy())
+        self.image_precision.copy_(torch.linalg.inv(torch.from_numpy(covariance)).float())
+        self.image_normal_mean.copy_(g_normal.mean(0).float())
+        index = self.type_index(anomaly_types)
+        self.image_type_seen.zero_()
+        for t in index.unique().tolist():
+            self.image_anomaly_mean[t].copy_(g_anomalous[index.to(g_anomalous.device) == t].mean(0).float())
+            self.image_type_seen[t] = True
+        self.image_posterior.fill_(True)
+
+    def _image_log_odds(self, pooled: torch.Tensor) -> torch.Tensor:
+        """log mean_t N(g; m_t, S) / N(g; m_normal, S) over the labelled types t (B,)."""
+        def squared(g, mean):
+            diff = g - mean
+            return ((diff @ self.image_precision) * diff).sum(-1)
+
+        normal = squared(pooled, self.image_normal_mean)  # B
+        per_type = torch.stack([squared(pooled, m) for m in self.image_anomaly_mean], 1)  # B x T
+        per_type = (-0.5 * per_type).masked_fill(~self.image_type_seen, float("-inf"))
+        return torch.logsumexp(per_type, 1) - math.log(int(self.image_type_seen.sum())) + 0.5 * normal
+
     # Scores ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -371,6 +450,8 @@ class AEFlowGMM(AEFlow):
         if self.posterior_space == "reference" and bool(self.reference_posterior):
             chosen = posterior([self.log_likelihoods(self._whiten(i, latents[i]), self._reference_components(i))
                                 for i in range(self.n_stages)])
+            if bool(self.image_posterior):
+                parts["score_posterior_image"] = self._image_log_odds(self._pooled(latents))
             if self.latent_prior:
                 parts["score_posterior_latent"] = latent[0]
         else:
@@ -384,8 +465,15 @@ class AEFlowGMM(AEFlow):
         score = super().blend(parts)
         if not bool(self.semi_supervised):
             return score
-        z_posterior = (parts["score_posterior"] - self.posterior_mean) / self.posterior_std
-        return self.gamma * z_posterior + (1 - self.gamma) * score
+        return self.gamma * self._supervised(parts) + (1 - self.gamma) * score
+
+    def _supervised(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The standardised posterior log-odds; with the image-level component, the mean of its and the
+        per-position one's."""
+        z = (parts["score_posterior"] - self.posterior_mean) / self.posterior_std
+        if "score_posterior_image" not in parts:
+            return z
+        return 0.5 * z + 0.5 * (parts["score_posterior_image"] - self.image_posterior_mean) / self.image_posterior_std
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -405,13 +493,18 @@ class AEFlowGMM(AEFlow):
         posterior = collected.component("score_posterior")
         self.posterior_mean.fill_(posterior[labels <= 0].mean())
         self.posterior_std.fill_(posterior[labels <= 0].std().clamp_min(1e-12))
+        image = collected.component("score_posterior_image")
+        if len(image):
+            self.image_posterior_mean.fill_(image[labels <= 0].mean())
+            self.image_posterior_std.fill_(image[labels <= 0].std().clamp_min(1e-12))
         anomalous = labels == 1
         if not self.validated_gamma:
             return
         self.gamma.fill_(LABEL_FREE_GAMMA)
         if min(int((~anomalous).sum()), int(anomalous.sum())) < MIN_VALIDATION_PER_CLASS:
             return
-        z_posterior = (posterior - self.posterior_mean.double()) / self.posterior_std.double()
+        z_posterior = self._supervised({"score_posterior": posterior,
+                                        **({"score_posterior_image": image} if len(image) else {})}).double()
         aeflow_score = AEFlow.blend(self, {name: collected.component(name) for name in self.components}).double()
         grid = torch.tensor(GAMMA_GRID, dtype=torch.float64)
         aurocs = _aurocs(z_posterior[:, None] * grid + aeflow_score[:, None] * (1 - grid), anomalous)
@@ -438,7 +531,8 @@ class AEFlowGMM(AEFlow):
         adopt_buffer_shapes(self, state_dict, prefix, [f"reference_whitener{i}" for i in range(self.n_stages)])
         if prefix + "anomaly_mean" in state_dict:
             for name, value in self.named_buffers(recurse=False):
-                if name == "gamma" or name.startswith(("reference_anomaly_", "reference_whitener", "reference_posterior")):
+                if name == "gamma" or name.startswith(("reference_anomaly_", "reference_whitener", "reference_posterior",
+                                                       "image_")):
                     state_dict.setdefault(prefix + name, value.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
