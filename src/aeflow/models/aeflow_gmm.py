@@ -107,8 +107,8 @@ from aeflow.nn.flow import bits_per_dim, standard_normal_log_prob
 LABEL_FREE_GAMMA = 0.5
 GAMMA_GRID = tuple(i / 20 for i in range(21))
 POSTERIOR_SPACES = ("reference", "latent")
-#: EM iterations of the reference-space components, full batch over the labelled anomalies (converged well before:
-#: on a PneumoniaMNIST run with K = 20 the means after 25, 50 and 200 steps agreed to 3e-8, their largest entry 1.4).
+#: EM iterations of the reference-space components, full batch over the labelled anomalies (converged before:
+#: tests/models/test_aeflow_gmm.py checks that 2x as many steps move the components by less than 1e-4).
 REFERENCE_EM_STEPS = 50
 #: Normal training images (at most) whose pooled features give the image-level component's normal statistics.
 IMAGE_NORMALS = 512
@@ -290,13 +290,10 @@ class AEFlowGMM(AEFlow):
         m = self.em_momentum
         for t in types.unique().tolist():
             mine = types == t
-            z, r = z_anomalous[mine], torch.sigmoid(odds[mine, t])[:, None]  # b x C x h x w, b x 1 x h x w
-            weight = r.sum().clamp_min(1e-6)
-            mean = (r * z).sum((0, 2, 3)) / weight
-            var = (r * (z - mean.view(1, -1, 1, 1)).pow(2)).sum((0, 2, 3)) / weight
+            mean, var, fraction = _component_estimate(z_anomalous[mine], odds[mine, t])
             self.anomaly_mean[t].lerp_(mean, m)
-            self.anomaly_var[t].lerp_(var.clamp_min(1.0), m)
-            self.anomaly_fraction[t].lerp_(r.mean().clamp(0.01, 0.99), m)
+            self.anomaly_var[t].lerp_(var, m)
+            self.anomaly_fraction[t].lerp_(fraction, m)
         self.semi_supervised.fill_(True)
 
     # The reference-space posterior ----------------------------------------------------------------------
@@ -329,10 +326,11 @@ class AEFlowGMM(AEFlow):
             labelled = [part for shard in shards for part in shard[0]]
             normals = [part for shard in shards for part in shard[1]]
         if labelled:
-            anomalies, types = torch.cat([x for x, _ in labelled]), [t for _, ts in labelled for t in ts]
-            self._fit_reference_components(anomalies, types)
+            latents = self._latents_of(torch.cat([x for x, _ in labelled]))
+            types = [t for _, ts in labelled for t in ts]
+            self._fit_reference_components(latents, types)
             if self.image_component and sum(len(x) for x in normals) >= 2:
-                self._fit_image_component(torch.cat(normals)[:IMAGE_NORMALS], anomalies, types)
+                self._fit_image_component(self._latents_of(torch.cat(normals)[:IMAGE_NORMALS]), latents, types)
 
     def _set_reference(self, sums) -> None:
         super()._set_reference(sums)
@@ -352,16 +350,21 @@ class AEFlowGMM(AEFlow):
         return tuple(getattr(self, f"reference_anomaly_{kind}{i}") for kind in ("mean", "var", "fraction"))
 
     @torch.no_grad()
-    def _fit_reference_components(self, images: torch.Tensor, anomaly_types: list[str]) -> None:
-        """EM to convergence (REFERENCE_EM_STEPS full-batch steps from the broad start) for each type's component
-        in each stage's whitened coordinates, on the labelled anomalies' z' with the weights as they are."""
+    def _latents_of(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """z' of `images` per stage (stride 16 last), in eval mode with the weights as they are, 32 at a time."""
         was_training = self.training
         self.eval()
         device = self.score_mean.device
         latents = [torch.cat(parts) for parts in zip(*(
             [z for z, _ in self.flow_latents(chunk.to(device).float())] for chunk in images.split(32)))]
         self.train(was_training)
-        index = self.type_index(anomaly_types).to(device)
+        return latents
+
+    @torch.no_grad()
+    def _fit_reference_components(self, latents: list[torch.Tensor], anomaly_types: list[str]) -> None:
+        """EM to convergence (REFERENCE_EM_STEPS full-batch steps from the broad start) for each type's component
+        in each stage's whitened coordinates, on the labelled anomalies' z' (`latents`, per stage)."""
+        index = self.type_index(anomaly_types).to(latents[0].device)
         for i in range(self.n_stages):
             w = self._whiten(i, latents[i])
             mean, var, fraction = (t.clone() for t in self._reference_components(i))
@@ -370,11 +373,7 @@ class AEFlowGMM(AEFlow):
                 odds = _per_position_mixture(w, mean, var, fraction)[2]
                 for t in index.unique().tolist():
                     mine = index == t
-                    r = torch.sigmoid(odds[mine, t])[:, None]
-                    weight = r.sum().clamp_min(1e-6)
-                    mean[t] = (r * w[mine]).sum((0, 2, 3)) / weight
-                    var[t] = ((r * (w[mine] - mean[t].view(1, -1, 1, 1)).pow(2)).sum((0, 2, 3)) / weight).clamp_min(1.0)
-                    fraction[t] = r.mean().clamp(0.01, 0.99)
+                    mean[t], var[t], fraction[t] = _component_estimate(w[mine], odds[mine, t])
             for kind, value in zip(("mean", "var", "fraction"), (mean, var, fraction)):
                 getattr(self, f"reference_anomaly_{kind}{i}").copy_(value)
         self.reference_posterior.fill_(True)
@@ -388,23 +387,15 @@ class AEFlowGMM(AEFlow):
             parts += [w.mean(2), w.std(2)]
         return torch.cat(parts, 1)
 
-    def _pooled_images(self, images: torch.Tensor) -> torch.Tensor:
-        was_training = self.training
-        self.eval()
-        device = self.score_mean.device
-        pooled = torch.cat([self._pooled([z for z, _ in self.flow_latents(chunk.to(device).float())])
-                            for chunk in images.split(32)])
-        self.train(was_training)
-        return pooled
-
     @torch.no_grad()
-    def _fit_image_component(self, normals: torch.Tensor, anomalies: torch.Tensor, anomaly_types: list[str]) -> None:
+    def _fit_image_component(self, normals: list[torch.Tensor], anomalies: list[torch.Tensor],
+                             anomaly_types: list[str]) -> None:
         """Linear discriminant analysis on the pooled whitened latent: the normal images' mean and covariance
         (Ledoit-Wolf shrinkage: a few hundred images for a few hundred features), each type's mean from its
         labelled images, the normal covariance shared (K labelled images cannot estimate their own)."""
         from sklearn.covariance import ledoit_wolf
 
-        g_normal, g_anomalous = self._pooled_images(normals).double(), self._pooled_images(anomalies).double()
+        g_normal, g_anomalous = self._pooled(normals).double(), self._pooled(anomalies).double()
         covariance, _ = ledoit_wolf(g_normal.cpu().numpy())
         self.image_precision.copy_(torch.linalg.inv(torch.from_numpy(covariance)).float())
         self.image_normal_mean.copy_(g_normal.mean(0).float())
@@ -449,16 +440,15 @@ class AEFlowGMM(AEFlow):
                 1, keepdim=True), size=size, mode="bilinear", align_corners=False)[:, 0] for ll in stages]
             return log_odds, type_posterior, gaussian_blur(sum(maps) / len(maps), 4.0 * size[-1] / 256)
 
-        latent = posterior([self.log_likelihoods(latents[-1].float())])
         if self.posterior_space == "reference" and bool(self.reference_posterior):
             chosen = posterior([self.log_likelihoods(self._whiten(i, latents[i]), self._reference_components(i))
                                 for i in range(self.n_stages)])
             if bool(self.image_posterior):
                 parts["score_posterior_image"] = self._image_log_odds(self._pooled(latents))
             if self.latent_prior:
-                parts["score_posterior_latent"] = latent[0]
+                parts["score_posterior_latent"] = self.posterior_log_odds(latents[-1].float())
         else:
-            chosen = latent
+            chosen = posterior([self.log_likelihoods(latents[-1].float())])
         parts["score_posterior"], type_posterior, parts["map_posterior"] = chosen
         if self.anomaly_types is not None and len(self.anomaly_types) > 1:
             parts["type_posterior"] = type_posterior
@@ -565,3 +555,14 @@ def _per_position_mixture(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
     rho = fraction[:, None, None]
     position = torch.logaddexp((1 - rho).log() + normal, rho.log() + abnormal)  # B x T x h x w
     return normal.flatten(1).sum(1), position.flatten(2).sum(2), rho.log() + abnormal - (1 - rho).log() - normal
+
+
+def _component_estimate(z: torch.Tensor, log_odds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The M step for one anomalous component from its images' positions z (b x C x h x w) and their log-odds of
+    being abnormal (b x h x w): responsibilities r = sigmoid(log-odds), the r-weighted mean and variance (kept >= 1)
+    and the mean r (the fraction rho, kept in [0.01, 0.99])."""
+    r = torch.sigmoid(log_odds)[:, None]
+    weight = r.sum().clamp_min(1e-6)
+    mean = (r * z).sum((0, 2, 3)) / weight
+    var = (r * (z - mean.view(1, -1, 1, 1)).pow(2)).sum((0, 2, 3)) / weight
+    return mean, var.clamp_min(1.0), r.mean().clamp(0.01, 0.99)
