@@ -40,6 +40,7 @@ $(PEERS_VENV)/.installed:
 	$(PEERS_PY) -c "import torch, torchvision" 2>/dev/null || $(PEERS_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PEERS_PY) -c "import anomalib" 2>/dev/null || $(PEERS_PY) -m pip install -q anomalib==2.7.0
 	$(PEERS_PY) -c "import aeflow" 2>/dev/null || $(PEERS_PY) -m pip install -q -e .
+	$(PEERS_PY) -c "import onnxruntime" 2>/dev/null || $(PEERS_PY) -m pip install -q "onnx>=1.15" "onnxruntime>=1.17"
 	touch $(PEERS_VENV)/.installed
 
 bench-peers: $(PEERS_VENV)/.installed

@@ -4,6 +4,8 @@ machine's dense-matmul throughput the model reaches.
     python benchmarks/speed.py                       # paper model (Wide-ResNet-50-2), 256 x 256, fp32 + bf16
     python benchmarks/speed.py --backbone efficientnet_lite0 --size 128
 
+fp32 inference is measured through each of `--backends` (default eager and auto: the fast path that predict,
+serve, test and the estimator use, aeflow.backends), with the backend auto chose in the table.
 Each measurement runs in a fresh subprocess so that its peak resident memory is its own. Pretrained weights
 are not needed for speed: the backbone is built with random weights (same shapes, same FLOPs).
 """
@@ -64,16 +66,22 @@ def measure(args) -> dict:
         flops = None
     else:
         model.eval()
+        run, chosen = model.predict, "eager"
+        if args.backend != "eager":  # aeflow's fast inference path (aeflow.backends), fp32 only
+            from aeflow.backends import make_predictor
+
+            predictor = make_predictor(model, (1, args.size, args.size), backend=args.backend, batch_size=args.batch)
+            run, chosen = predictor, predictor.name
 
         def infer():
             with torch.inference_mode(), autocast:
-                model.predict(x)
+                run(x)
 
         seconds = timed(infer, warmup=1, min_seconds=args.seconds, min_calls=2)
         with torch.no_grad(), autocast:  # the FLOP counter's hooks do not work under inference_mode
             flops = count_flops(model.predict, x[:1])
     return {"images_per_s": args.batch / seconds, "seconds_per_batch": seconds, "flops_per_image": flops,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "backend": chosen if args.mode != "train" else "-"}
 
 
 def main() -> None:
@@ -85,6 +93,9 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing per measurement")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--backends", default="eager,auto", help="fp32 inference through these aeflow.backends "
+                                                                  "(eager, auto, channels_last, onnxruntime)")
+    parser.add_argument("--backend", default="eager", help=argparse.SUPPRESS)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="infer", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -101,10 +112,13 @@ def main() -> None:
     ceilings = {p: matmul_flops(torch.bfloat16 if p == "bf16" else torch.float32) for p in args.precisions.split(",")}
     rows = []
     for precision in args.precisions.split(","):
-        for mode, batch in (("train", args.train_batch), ("infer", 1), ("infer", 32)):
+        backends = args.backends.split(",") if precision == "fp32" else ["eager"]
+        runs = [("train", args.train_batch, "eager")] + [("infer", b, name) for name in backends for b in (1, 32)]
+        for mode, batch, backend in runs:
             cmd = [sys.executable, __file__, "--one", "--mode", mode, "--precision", precision, "--batch", str(batch),
                    "--backbone", args.backbone, "--size", str(args.size), "--threads", str(args.threads),
-                   "--seconds", str(args.seconds)] + (["--channels-last"] if args.channels_last else [])
+                   "--seconds", str(args.seconds), "--backend", backend] + (
+                       ["--channels-last"] if args.channels_last else [])
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             rows.append((precision, mode, batch, result))
     flops = next(r["flops_per_image"] for *_, r in rows if r["flops_per_image"])
@@ -112,12 +126,12 @@ def main() -> None:
     for p, c in ceilings.items():
         print(f"dense matmul ceiling {p}: {c / 1e9:.1f} GFLOP/s")
     print()
-    print("| precision | mode | batch | images/s | s/batch | peak RSS (MB) | share of matmul FLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| precision | mode | backend | batch | images/s | s/batch | peak RSS (MB) | share of matmul FLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for precision, mode, batch, r in rows:
         share = f"{r['images_per_s'] * flops / ceilings[precision]:.0%}" if mode == "infer" else "-"
-        print(f"| {precision} | {mode} | {batch} | {r['images_per_s']:.2f} | {r['seconds_per_batch']:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {share} |")
+        print(f"| {precision} | {mode} | {r['backend']} | {batch} | {r['images_per_s']:.2f} | "
+              f"{r['seconds_per_batch']:.2f} | {r['peak_rss_mb']:.0f} | {share} |")
 
 
 if __name__ == "__main__":

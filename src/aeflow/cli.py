@@ -21,7 +21,7 @@ from typing import Optional
 import typer
 
 from aeflow.cli_errors import user_errors
-from aeflow.cli_options import parse_options
+from aeflow.cli_options import BACKEND_HELP, parse_options
 from aeflow.evaluation.leaderboard import benchmark_command
 from aeflow.serving.commands import register as register_serving_commands
 
@@ -245,6 +245,7 @@ def test_run(
                                                  "rule's threshold is kept in thresholds.json either way."),
     knn_audit: bool = typer.Option(False, "--knn-audit", help="Add a 1-nearest-neighbour detector on pooled "
                                    "EfficientNet-Lite0 features of the training normals to the shortcut audit."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
 ):
     """Score the run's validation and test splits; write thresholds.json (threshold.json), metrics.json/.csv,
     scores.csv and report.html, with the shortcut audit (trivial image statistics beside the model)."""
@@ -253,7 +254,7 @@ def test_run(
     with user_errors():
         metrics = evaluate_run(run, rule=rule, rule_params=parse_options(rule_option), root=root,
                                batch_size=batch_size, device=device, use_threshold=use_threshold,
-                               knn_audit=knn_audit)
+                               knn_audit=knn_audit, backend=backend)
     _print_metrics(metrics)
     if not metrics["threshold_in_use"]:
         typer.secho(f"kept {run / 'threshold.json'} as it was: predict and serve still use its rule; pass "
@@ -264,7 +265,7 @@ def test_run(
 
 def _print_metrics(metrics: dict) -> None:
     keys = ["image_AUROC", "image_AP", "image_F1", "image_ACC", "image_SEN", "image_SPE", "pixel_AUROC",
-            "pixel_AUPRO", "threshold_rule", "threshold"]
+            "pixel_AUPRO", "threshold_rule", "threshold", "inference_backend"]
     keys += sorted(k for k in metrics if k.startswith("component/") and k.endswith("AUROC"))
     keys += sorted(k for k in metrics if k.startswith("shortcut/") and k.endswith("_test_AUROC"))
     keys += ["shortcut/best"]

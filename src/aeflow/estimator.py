@@ -68,6 +68,7 @@ from aeflow.data import DataSplits, ImageDataset, Record, SplitRecords
 from aeflow.data.intensity import parse_intensity
 from aeflow.errors import ConfigError
 from aeflow.evaluation.thresholds import ConformalFPR, Threshold, ThresholdRule, conformal_p_values, make_rule
+from aeflow.backends import BACKENDS, make_predictor
 from aeflow.inference import predict_dataset
 from aeflow.models import available_models
 
@@ -95,12 +96,15 @@ class AnomalyDetector:
     validation_fraction: share of the normal images held out of training (see module docstring).
     intensity: how pixel values become [0, 1] (aeflow.data.intensity), fixed at fit. seed: the split and training.
     verbose: False prints nothing; True shows lightning's progress bar and one line per epoch.
+    backend: how the fitted model scores (aeflow.backends): "auto" (measured once per fitted or loaded model),
+        "eager", "channels_last" or "onnxruntime".
     """
 
     def __init__(self, model: str = "aeflow", contamination: float | None = None, threshold_rule: str = "fpr:0.05",
                  *, epochs: int = 10, batch_size: int = 16, lr: float = 1e-3, image_size: int | None = None,
                  channels: int | None = None, channels_last: bool = False, validation_fraction: float = 0.2,
-                 intensity: str = "auto", seed: int = 0, verbose: bool = False, **model_kwargs):
+                 intensity: str = "auto", seed: int = 0, verbose: bool = False, backend: str = "auto",
+                 **model_kwargs):
         if model not in available_models():
             raise ConfigError(f"unknown model {model!r}; available: {', '.join(available_models())}")
         if contamination is not None and not (isinstance(contamination, (int, float)) and 0 < contamination <= 0.5):
@@ -119,14 +123,17 @@ class AnomalyDetector:
         for name, value in (("channels_last", channels_last), ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be True or False, got {value!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self._rule = parse_threshold_rule(threshold_rule)
         parse_intensity(intensity)
         self.model, self.contamination, self.threshold_rule = model, contamination, threshold_rule
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.image_size, self.channels, self.channels_last = image_size, channels, channels_last
         self.validation_fraction, self.intensity, self.seed = validation_fraction, intensity, seed
-        self.verbose = verbose
+        self.verbose, self.backend = verbose, backend
         self.model_kwargs = model_kwargs
+        self._predictor = None  # the fitted model's predict through `backend`, built at the first scoring
 
     # --- scikit-learn protocol --------------------------------------------------------------------------------
 
@@ -135,7 +142,7 @@ class AnomalyDetector:
                 "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "image_size": self.image_size,
                 "channels": self.channels, "channels_last": self.channels_last,
                 "validation_fraction": self.validation_fraction, "intensity": self.intensity, "seed": self.seed,
-                "verbose": self.verbose, **self.model_kwargs}
+                "verbose": self.verbose, "backend": self.backend, **self.model_kwargs}
 
     def set_params(self, **params) -> AnomalyDetector:
         self.__init__(**{**self.get_params(), **params})
@@ -176,6 +183,7 @@ class AnomalyDetector:
             with _quiet(not self.verbose):
                 train(config, Path(tmp) / "run", data=splits)
             self.model_, self.run_config_ = load_run(Path(tmp) / "run")
+            self._predictor = None
             self.decision_scores_ = self._score_sources(sources, intensity)
             calibration = [sources[i] for i in val_idx if labels[i] == 0]
             normal_maps = self._predict_sources(calibration, intensity, keep_maps=True).anomaly_map
@@ -331,7 +339,11 @@ class AnomalyDetector:
     def _predict_sources(self, sources: list[str], intensity: str, *, keep_maps: bool):
         dataset = ImageDataset([Record(s, -1) for s in sources], image_size=self.image_size_,
                                channels=self.channels_, intensity=intensity)
-        return predict_dataset(self.model_, dataset, batch_size=self.batch_size, keep_maps=keep_maps)
+        if self._predictor is None:  # built once per fitted or loaded model (aeflow.backends)
+            self._predictor = make_predictor(self.model_, (self.channels_, self.image_size_, self.image_size_),
+                                             backend=self.backend, batch_size=self.batch_size)
+        return predict_dataset(self.model_, dataset, batch_size=self.batch_size, keep_maps=keep_maps,
+                               predictor=self._predictor)
 
     def _score_sources(self, sources: list[str], intensity: str) -> np.ndarray:
         return self._predict_sources(sources, intensity, keep_maps=False).pred_score.astype(np.float64)

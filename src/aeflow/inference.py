@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aeflow.backends import Predictor, make_predictor
 from aeflow.data.sample import collate
 from aeflow.models.base import AnomalyModel
 
@@ -26,6 +27,7 @@ class Predictions:
     has_mask: np.ndarray | None = None  # N, bool: pixel ground truth known for this image
     images: np.ndarray | None = None  # N x C x H x W (float32), kept only when asked
     reconstruction: np.ndarray | None = None  # N x C x H x W where the model reconstructs
+    backend: dict | None = None  # which inference backend scored them, and why (aeflow.backends)
 
     def __len__(self) -> int:
         return len(self.pred_score)
@@ -41,15 +43,25 @@ def predict_dataset(
     keep_maps: bool = True,
     keep_images: bool = False,
     num_workers: int = 0,
+    backend: str = "auto",
+    predictor: Predictor | None = None,
 ) -> Predictions:
-    """Score every sample of `dataset`; the model is put in eval mode on `device`."""
+    """Score every sample of `dataset`; the model is put in eval mode on `device`.
+
+    backend: how predict runs (aeflow.backends: "auto" measures the candidates on the first batch's image shape;
+        "eager" is plain PyTorch). predictor: one already built for this model, used as it is (saves building it
+        again for every call).
+    """
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
     scores, labels, paths, types = [], [], [], []
     components: dict[str, list] = {}
     maps, masks, has_mask, images, recons = [], [], [], [], []
     for batch in loader:
-        out = model.predict(batch.image.to(device))
+        if predictor is None:
+            predictor = make_predictor(model, tuple(batch.image.shape[1:]), backend=backend, batch_size=batch_size,
+                                       device=device)
+        out = predictor(batch.image.to(device))
         scores.append(out["pred_score"].float().cpu())
         for key, value in out.items():
             if key.startswith("score_"):
@@ -79,4 +91,5 @@ def predict_dataset(
         has_mask=known.numpy() if bool(known.any()) else None,
         images=torch.cat(images).numpy() if keep_images else None,
         reconstruction=torch.cat(recons).numpy() if recons else None,
+        backend=predictor.report,
     )

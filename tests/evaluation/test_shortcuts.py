@@ -88,6 +88,8 @@ def test_aeflow_test_writes_the_audit_and_per_image_scores(tmp_path):
                  "batch_size": 8, "max_epochs": 1, "progress_bar": False, "accelerator": "cpu"}, tmp_path / "run")
     metrics = evaluate_run(run, device="cpu")
     stored = json.loads((run / "metrics.json").read_text())
+    backend = json.loads((run / "inference_backend.json").read_text())  # which backend scored the splits, and why
+    assert stored["inference_backend"] == backend["backend"] in ("eager", "channels_last", "onnxruntime")
     assert stored["shortcut/best"] in ("mean", "contrast", "dark_fraction", "sharpness")
     # the audit's number is the statistic's AUROC on this run's own test split, in the direction validation chose
     splits = DataSplits.from_records(load_splits(run), image_size=64, channels=1, validate=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import numpy as np
@@ -90,6 +91,8 @@ def test_strict_mode_stops_at_a_bad_file_and_keeps_earlier_rows(loaded, tmp_path
                       progress=False)
     assert error.value.path == str(bad)
     assert [r["path"] for r in read_csv(tmp_path / "out" / "predictions.csv")] == [str(good)]
+    backend = json.loads((tmp_path / "out" / "inference_backend.json").read_text())
+    assert backend["backend"] == loaded.predictor.name
 
 
 def test_missing_threshold_says_how_to_make_one(run_dir, tmp_path):

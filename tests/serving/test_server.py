@@ -59,6 +59,9 @@ def test_health_and_model_metadata(client, loaded):
     assert meta["image_size"] == IMAGE_SIZE
     assert meta["threshold"] == pytest.approx(loaded.threshold.value)
     assert meta["threshold_rule"] == "conformal_fpr(alpha=0.1)"
+    backend = meta["inference_backend"]  # chosen at start-up, with what each candidate measured
+    assert backend["backend"] in ("eager", "channels_last", "onnxruntime")
+    assert "eager" in backend["candidates"]
 
 
 def test_predict_matches_direct_scoring(client, loaded, tmp_path):

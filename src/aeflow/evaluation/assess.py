@@ -5,6 +5,7 @@ The shortcut audit (aeflow.evaluation.shortcuts) puts trivial image statistics b
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from aeflow.backends import make_predictor, summary
 from aeflow.data import DataSplits, load_splits
 from aeflow.evaluation.metrics import evaluate, write_metrics
 from aeflow.evaluation.report import GalleryItem, collect_versions, pick_gallery, write_report
@@ -51,6 +53,7 @@ def evaluate_run(
     gallery_per_section: int = 4,
     use_threshold: bool | None = None,
     knn_audit: bool = False,
+    backend: str = "auto",
 ) -> dict:
     """Evaluate the run in `run_dir` on its own saved splits; returns the metrics dict it wrote.
 
@@ -59,6 +62,8 @@ def evaluate_run(
     existing threshold.json of another rule is never replaced silently (`metrics["threshold_in_use"]` says).
     The rule and its parameters are checked before anything is loaded or scored. knn_audit adds the 1-nearest-
     neighbour distance on pooled EfficientNet-Lite0 features to the shortcut audit (aeflow.evaluation.shortcuts).
+    backend: how the model scores (aeflow.backends); the choice and its measurements go to inference_backend.json
+    and metrics["inference_backend"].
     """
     run_dir = Path(run_dir)
     if rule is not None:
@@ -80,13 +85,18 @@ def evaluate_run(
     )
     loaded = time.perf_counter()
 
-    val = predict_dataset(model, splits.val, batch_size=batch_size, device=device, keep_maps=False)
+    predictor = make_predictor(model, (train_config["channels"], *splits.val.image_size), backend=backend,
+                               batch_size=batch_size, device=device)
+    log.info(summary(predictor.report))
+    (run_dir / BACKEND_FILE).write_text(json.dumps(predictor.report, indent=2) + "\n")
+    val = predict_dataset(model, splits.val, batch_size=batch_size, device=device, keep_maps=False,
+                          predictor=predictor)
     threshold = fit_threshold(val, rule, rule_params)
     in_use = save_threshold(run_dir, threshold, use=use_threshold)
     scored_val = time.perf_counter()
 
     test = predict_dataset(model, splits.test, batch_size=batch_size, device=device, keep_maps=True,
-                           keep_images=True)
+                           keep_images=True, predictor=predictor)
     scored_test = time.perf_counter()
     metrics = evaluate(
         test.pred_score, test.labels, threshold,
@@ -112,6 +122,7 @@ def evaluate_run(
     metrics["backbone"] = config["model_config"].get("backbone", "")
     metrics["seed"] = train_config["seed"]
     metrics["threshold_in_use"] = in_use
+    metrics["inference_backend"] = predictor.name
     write_metrics(metrics, run_dir)
 
     picked = pick_gallery(test.pred_score, test.labels, threshold, per_section=gallery_per_section)
@@ -146,6 +157,7 @@ def evaluate_run(
 
 
 SCORES_FILE = "scores.csv"
+BACKEND_FILE = "inference_backend.json"  # which backend scored the splits, and what each candidate measured
 
 
 def write_scores(path: Path, splits: dict[str, Predictions]) -> Path:

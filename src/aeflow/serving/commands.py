@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from aeflow.cli_errors import user_errors
+from aeflow.cli_options import BACKEND_HELP
 
 RUN_HELP = ("Run folder written by `aeflow train` (config.json, model.safetensors) with threshold.json from "
             "`aeflow test`.")
@@ -64,6 +65,7 @@ def predict(
                                                                   "ray://head:10001 (default: a local instance)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="--engine ray: model replicas (default: "
                                                                          "one per CPU of the cluster)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
 ):
     """Score images with a trained run: a CSV of scores and verdicts, and heat-map overlays.
 
@@ -75,7 +77,16 @@ def predict(
         csv_path = predict_paths(run, list(inputs), out, batch_size=batch_size, skip_bad=not strict,
                                  overlays=overlays, axis=axis, slice_range=_slice_range(slices),
                                  shard=_shard(shard), device=device, overwrite=overwrite,
-                                 threshold_rule=threshold_rule, engine=engine, address=address, workers=workers)
+                                 threshold_rule=threshold_rule, engine=engine, address=address, workers=workers,
+                                 backend=backend)
+    backend_path = csv_path.with_name(csv_path.name.replace("predictions", "inference_backend", 1)).with_suffix(
+        ".json")
+    if backend_path.is_file():
+        import json
+
+        from aeflow.backends import summary
+
+        typer.echo(summary(json.loads(backend_path.read_text())))
     typer.echo(f"wrote {csv_path}")
     skipped_path = csv_path.with_name(csv_path.name.replace("predictions", "skipped", 1))
     with open(skipped_path, newline="") as f:
@@ -116,13 +127,15 @@ def serve(
     api_docs: bool = typer.Option(False, "--api-docs", help="Serve the API description at /docs and "
                                                             "/openapi.json (off by default; served offline)."),
     threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help=THRESHOLD_RULE_HELP),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
 ):
     """Serve the run over HTTP: a web page at /, and POST /predict, GET /model, GET /health."""
     from aeflow.serving.server import serve as run_server
 
     with user_errors():
         run_server(run, host, port, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
-                   upload_timeout=upload_timeout, api_docs=api_docs, threshold_rule=threshold_rule)
+                   upload_timeout=upload_timeout, api_docs=api_docs, threshold_rule=threshold_rule,
+                   backend=backend)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,28 +10,24 @@ the backbone's input normalisation (grayscale to RGB, ImageNet or Lite mean/std)
 calibration buffers (the standardisation statistics of normal validation images). The graph's metadata holds
 the run's image size, channels, intensity rule, model name and the threshold with its rule.
 
-The exporter is torch's TorchScript-based one (`dynamo=False`): the torch.export-based exporter needs the
-`onnxscript` package, which aeflow does not depend on, and the traced graph of AE-FLOW (FrEIA's AllInOneBlock,
-SSIM, Gaussian smoothing) exports and runs in onnxruntime within 1e-5 of PyTorch.
+The trace is aeflow.backends.onnx_bytes (torch's TorchScript-based exporter, with pytorch_msssim's SSIM swapped for
+a traceable twin), the one the fast inference path uses too; the traced graph of AE-FLOW (FrEIA's AllInOneBlock,
+SSIM, Gaussian smoothing) runs in onnxruntime within 1e-5 of PyTorch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from aeflow.backends import PARITY_TOLERANCE, onnx_bytes, smooth_images
 from aeflow.errors import AeflowError, ConfigError
 from aeflow.serving.runtime import LoadedRun
 
-#: Largest relative difference between onnxruntime and PyTorch accepted at export time.
-PARITY_TOLERANCE = 1e-4
 OUTPUTS = ("pred_score", "anomaly_map")
 
 
@@ -65,18 +61,11 @@ def export_onnx(run_dir: str | Path, out_path: str | Path | None = None, *, opse
     out_path.parent.mkdir(parents=True, exist_ok=True)
     graph = _ScoringGraph(run.model).eval()
     shape = (run.channels, run.image_size, run.image_size)
-    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    batch = {0: "batch"}
     try:
-        with _traceable_ssim(), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer and legacy-exporter warnings: the parity check decides
-            torch.onnx.export(graph, (example,), str(out_path), dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=list(OUTPUTS),
-                              dynamic_axes={"image": batch, "pred_score": batch, "anomaly_map": batch})
+        document = onnx.load_from_string(onnx_bytes(graph, shape, list(OUTPUTS), opset=opset))
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
         raise ExportError(f"cannot export {run.model_name} to ONNX: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    document = onnx.load(str(out_path))
     metadata = {
         "aeflow_model": run.model_name,
         "image_size": str(run.image_size),
@@ -95,22 +84,10 @@ def export_onnx(run_dir: str | Path, out_path: str | Path | None = None, *, opse
 
 def check_parity(graph: nn.Module, scorer: OnnxScorer, shape: tuple[int, int, int]) -> float:
     """Largest relative difference (max |onnx - torch| / max |torch|, per output) over a batch of one and a batch
-    of three random smooth images; raises ExportError above PARITY_TOLERANCE.
-
-    Smooth (locally averaged) noise, like real scans, not white noise: white noise through a deep network with
-    random weights drives activations far beyond anything an image produces, and there float32 rounding alone
-    reaches the tolerance (measured on AE-FLOW with a random Wide-ResNet-50-2 at 256 px: PyTorch float32 vs
-    float64 3.8e-5, onnxruntime vs float64 7.5e-5), which would hide what the check is for: a graph that
-    computes something else.
-    """
-    g = torch.Generator().manual_seed(1)
-
-    def smooth(batch: int, width: int) -> torch.Tensor:
-        noise = torch.rand(batch, *shape, generator=g)
-        return torch.nn.functional.avg_pool2d(noise, width, stride=1, padding=width // 2, count_include_pad=False)
-
+    of three random smooth images (aeflow.backends.smooth_images says why smooth); raises ExportError above
+    PARITY_TOLERANCE."""
     worst, where = 0.0, ""
-    for images in (smooth(1, 9), smooth(3, 25)):
+    for images in (smooth_images(1, 9, shape), smooth_images(3, 25, shape)):
         with torch.no_grad():
             expected = dict(zip(OUTPUTS, (t.numpy() for t in graph(images))))
         got = scorer.predict(images.numpy())
@@ -162,36 +139,3 @@ class OnnxScorer:
         if self.threshold is not None:
             out["pred_label"] = (score.astype(np.float64) > self.threshold).astype(np.int64)
         return out
-
-
-@contextlib.contextmanager
-def _traceable_ssim():
-    """Swap pytorch_msssim's `ssim` for the same computation written so that the tracer can export it.
-
-    `pytorch_msssim.ssim` builds its Gaussian window with `repeat(X.shape[1], ...)` and squeezes trailing
-    dimensions; traced with a free batch size, the window's shape becomes unknown (the exporter cannot emit the
-    convolution) and the squeezes become ONNX `If` nodes that onnxruntime rejects. The stand-in calls the
-    library's own `_ssim` with a window whose channel count is a constant: the same numbers for 4-D images.
-    It is swapped only where aeflow modules imported `ssim`, and only while exporting.
-    """
-    import pytorch_msssim
-    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-
-    def ssim(X, Y, data_range=255, size_average=True, win_size=11, win_sigma=1.5, win=None, K=(0.01, 0.03),
-             nonnegative_ssim=False):
-        if win is None:
-            win = _fspecial_gauss_1d(win_size, win_sigma).repeat(int(X.shape[1]), 1, 1, 1)
-        per_channel, _ = _ssim(X, Y, data_range=data_range, win=win, size_average=False, K=K)
-        if nonnegative_ssim:
-            per_channel = torch.relu(per_channel)
-        return per_channel.mean() if size_average else per_channel.mean(1)
-
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("aeflow.") and getattr(m, "ssim", None) is pytorch_msssim.ssim]
-    for module in patched:
-        module.ssim = ssim
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.ssim = pytorch_msssim.ssim

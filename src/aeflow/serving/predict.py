@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,6 +63,7 @@ def predict_paths(
     engine: str = "local",
     address: str | None = None,
     workers: int | None = None,
+    backend: str = "auto",
 ) -> Path:
     """Score every 2-D image in `inputs` with the run in `run_dir`; returns the path of predictions.csv.
 
@@ -79,6 +81,8 @@ def predict_paths(
     threshold_rule: score with the threshold fitted for this rule (thresholds.json) instead of threshold.json's.
     engine: "local", or "ray" to score on a Ray cluster (`address`; a local Ray instance when None) with
         `workers` model replicas (aeflow.serving.ray_engine; needs the `aeflow[distributed]` extra).
+    backend: how the model scores (aeflow.backends; "auto" measures the candidates once, at `batch_size`); with
+        the local engine the choice and its measurements go to inference_backend.json in `out_dir` (per shard).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -101,7 +105,8 @@ def predict_paths(
         run_dir = run.run_dir if run is not None else run_dir
         threshold = read_threshold(run_dir, threshold_rule)
     else:
-        run = run or LoadedRun(run_dir, device=device, threshold_rule=threshold_rule)
+        run = run or LoadedRun(run_dir, device=device, threshold_rule=threshold_rule, backend=backend,
+                               batch_size=batch_size)
         threshold = run.threshold
     records, skipped_at_scan = scan_inputs(inputs, axis=axis, slice_range=slice_range, skip_bad=skip_bad)
     positions = range(index, len(records), count)
@@ -117,8 +122,10 @@ def predict_paths(
 
             batches = scored_batches(run_dir, list(zip(positions, sources)), batch_size=batch_size,
                                      overlays=overlays, device=device, threshold_rule=threshold_rule,
-                                     address=address, workers=workers, progress=progress)
+                                     address=address, workers=workers, progress=progress, backend=backend)
         else:
+            if sources:
+                (out_dir / f"inference_backend{suffix}.json").write_text(json.dumps(run.predictor.report, indent=2))
             batches = _local_batches(run, sources, positions, batch_size, overlays)
         with contextlib.closing(batches):  # a stop (strict, Ctrl-C) ends the engine's work too
             for outcomes in batches:
@@ -246,7 +253,8 @@ def _claim_folder(out_dir: Path, suffix: str, shard: tuple[int, int] | None, ove
         return
     if not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a folder")
-    own = [out_dir / f"predictions{suffix}.csv", out_dir / f"skipped{suffix}.csv"]
+    own = [out_dir / f"predictions{suffix}.csv", out_dir / f"skipped{suffix}.csv",
+           out_dir / f"inference_backend{suffix}.json"]
     overlays = sorted((out_dir / "overlays").glob("*.png")) if (out_dir / "overlays").is_dir() else []
     if shard is not None:
         overlays = [p for p in overlays if p.name[:6].isdigit() and int(p.name[:6]) % shard[1] == shard[0]]

@@ -34,8 +34,10 @@ _FIELDS = ("position", "path", "slice", "pred_score", "pred_label", "overlay", "
 class _Scorer:
     """One model replica: loads the run once, then scores rows of {"positions", "sources"} (one batch each)."""
 
-    def __init__(self, run_dir: str, device: str, threshold_rule: str | None, overlays: bool):
-        self.run = LoadedRun(run_dir, device=device, threshold_rule=threshold_rule)
+    def __init__(self, run_dir: str, device: str, threshold_rule: str | None, overlays: bool, backend: str,
+                 batch_size: int):
+        self.run = LoadedRun(run_dir, device=device, threshold_rule=threshold_rule, backend=backend,
+                             batch_size=batch_size)
         self.overlays = overlays
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,6 +53,7 @@ class _Scorer:
 
 def scored_batches(run_dir: str | Path, items: Sequence[tuple[int, str]], *, batch_size: int, overlays: bool,
                    device: str = "cpu", threshold_rule: str | None = None, address: str | None = None,
+                   backend: str = "auto",
                    workers: int | None = None, progress: bool = False) -> Iterator[list[Outcome]]:
     """Outcomes of `items` ((global position, source) each), batch by batch, scored by `workers` replicas (default:
     one per CPU of the cluster; one GPU each with device "cuda")."""
@@ -74,7 +77,8 @@ def scored_batches(run_dir: str | Path, items: Sequence[tuple[int, str]], *, bat
                                        for chunk in chunks])
         scored = dataset.map_batches(
             _Scorer, fn_constructor_kwargs={"run_dir": str(Path(run_dir).resolve()), "device": device,
-                                            "threshold_rule": threshold_rule, "overlays": overlays},
+                                            "threshold_rule": threshold_rule, "overlays": overlays,
+                                            "backend": backend, "batch_size": batch_size},
             batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
             num_gpus=1 if device.startswith("cuda") else 0, batch_format="numpy")
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from aeflow.backends import BACKENDS, Predictor, make_predictor
 from aeflow.data import ImageDataset, Record, Sample
 from aeflow.errors import ConfigError
 from aeflow.evaluation.thresholds import Threshold, threshold_in_use
@@ -46,7 +47,8 @@ def read_threshold(run_dir: str | Path, rule: str | None = None) -> Threshold:
 class LoadedRun:
     """A run folder's model, pre-processing and threshold. `score` is safe to call from several threads."""
 
-    def __init__(self, run_dir: str | Path, *, device: str = "cpu", threshold_rule: str | None = None):
+    def __init__(self, run_dir: str | Path, *, device: str = "cpu", threshold_rule: str | None = None,
+                 backend: str = "auto", batch_size: int = 16):
         from aeflow.training import load_run
 
         self.run_dir = Path(run_dir)
@@ -63,6 +65,10 @@ class LoadedRun:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{self.run_dir}/config.json lacks the training settings ({exc})") from exc
         self.intensity = str(train.get("data", {}).get("intensity", "auto"))
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend, self.batch_size = backend, batch_size
+        self._predictor: Predictor | None = None
         # One forward pass at a time: torch already spreads each pass over all cores, and a module's
         # buffers are shared state, so concurrent passes would only contend.
         self._lock = threading.Lock()
@@ -73,10 +79,22 @@ class LoadedRun:
         return ImageDataset([Record(s, -1, "") for s in sources], image_size=self.image_size,
                             channels=self.channels, intensity=self.intensity, **extra)
 
+    @property
+    def predictor(self) -> Predictor:
+        """The model's predict through the backend asked for (aeflow.backends; "auto": measured at the first use,
+        at `batch_size`); `predictor.report` says which runs and why."""
+        with self._lock:
+            if self._predictor is None:
+                self._predictor = make_predictor(self.model, (self.channels, self.image_size, self.image_size),
+                                                 backend=self.backend, batch_size=self.batch_size,
+                                                 device=self.device)
+            return self._predictor
+
     def score(self, images: torch.Tensor) -> list[Scored]:
         """Score a batch B x C x H x W (values in [0, 1], the run's size)."""
+        predictor = self.predictor
         with self._lock, torch.inference_mode():
-            out = self.model.predict(images.to(self.device))
+            out = predictor(images.to(self.device))
             scores = out["pred_score"].float().cpu().numpy()
             maps = out["anomaly_map"].float().cpu().numpy()
         labels = self.threshold.predict(scores)
@@ -100,6 +118,7 @@ class LoadedRun:
             "model_config": model_config,
             "training": {k: train.get(k) for k in ("data", "seed", "max_epochs", "preset") if k in train},
             "training_data": training_data_summary(self.run_dir),
+            "inference_backend": self._predictor.report if self._predictor is not None else {"backend": self.backend},
         }
 
 

@@ -59,6 +59,7 @@ from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 import aeflow
+from aeflow.backends import summary
 from aeflow.errors import AeflowError, BadFileError, TooLargeError
 from aeflow.evaluation.thresholds import Threshold
 from aeflow.serving.runtime import OVERLAY_MIN_SIDE, LoadedRun, json_float, png_base64, png_bytes, render_overlay
@@ -231,14 +232,16 @@ class _Service:
 
 def create_app(run_dir: str | Path, *, max_upload_mb: float = 20, max_pixels: int = 4096 * 4096,
                run: LoadedRun | None = None, upload_timeout: float = 30.0, api_docs: bool = False,
-               threshold_rule: str | None = None) -> FastAPI:
+               threshold_rule: str | None = None, backend: str = "auto") -> FastAPI:
     """The FastAPI app serving the run in `run_dir` (loaded now, once; or `run`, already loaded).
 
     upload_timeout: seconds a client may take to send one upload (408 beyond). api_docs: serve /openapi.json and
     a self-contained /docs page (off by default). threshold_rule: the rule whose threshold (thresholds.json) the
-    verdicts use instead of threshold.json's.
+    verdicts use instead of threshold.json's. backend: how the model scores (aeflow.backends), chosen here, before
+    the first request, for one image per pass; GET /model reports it.
     """
-    run = run or LoadedRun(run_dir, threshold_rule=threshold_rule)
+    run = run or LoadedRun(run_dir, threshold_rule=threshold_rule, backend=backend, batch_size=1)
+    log.info(summary(run.predictor.report))
     service = _Service(run, int(max_upload_mb * 1024 * 1024), int(max_pixels))
     axis = score_axis(run.run_dir, run.threshold)
     colour_bar = png_bytes(render_colour_bar())
@@ -420,10 +423,10 @@ def background_server(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_upload_mb: float = 20,
           max_pixels: int = 4096 * 4096, upload_timeout: float = 30.0, api_docs: bool = False,
-          threshold_rule: str | None = None) -> None:
+          threshold_rule: str | None = None, backend: str = "auto") -> None:
     """Load the run and serve it with uvicorn until interrupted (idle connections are closed after 5 s)."""
     import uvicorn
 
     app = create_app(run_dir, max_upload_mb=max_upload_mb, max_pixels=max_pixels, upload_timeout=upload_timeout,
-                     api_docs=api_docs, threshold_rule=threshold_rule)
+                     api_docs=api_docs, threshold_rule=threshold_rule, backend=backend)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5, server_header=False)
