@@ -205,6 +205,33 @@ def test_greedy_coreset_covers_the_bank_better_than_random():
     assert (chosen >= 500).any(), "the rare cluster must be represented"
 
 
+def _brute_force_greedy(features: torch.Tensor, first: int, size: int) -> list[int]:
+    chosen = [first]
+    while len(chosen) < size:
+        gaps = torch.cdist(features.double(), features[chosen].double()).amin(1)
+        gaps[chosen] = -1
+        chosen.append(int(gaps.argmax()))
+    return chosen
+
+
+def test_greedy_coreset_is_the_exact_greedy_in_blocks_too():
+    """block=1 picks what a brute-force k-center greedy picks (same first point), in order, and so do blocks of 8
+    and 64 centres per round (float64, so that no rounding tie can tell them apart); a bank that repeats rows
+    still gives distinct indices, every distinct row before any repeat."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.cat([torch.randn(300, 6, generator=g, dtype=torch.float64) * s for s in (0.5, 1.0, 2.0)])
+    exact = greedy_coreset(features, 150, None, torch.Generator().manual_seed(1), block=1)
+    assert exact.tolist() == _brute_force_greedy(features, int(exact[0]), 150)
+    for block in (8, 64):
+        assert greedy_coreset(features, 150, None, torch.Generator().manual_seed(1), block=block).tolist() == \
+            exact.tolist()
+    repeated = torch.cat([features[:10]] * 5)  # 10 distinct rows, each 5 times: 50 rows, 30 asked for
+    for block in (1, 8):
+        picked = greedy_coreset(repeated, 30, None, torch.Generator().manual_seed(0), block=block)
+        assert len(set(picked.tolist())) == 30
+        assert len({tuple(r) for r in repeated[picked[:10]].tolist()}) == 10
+
+
 def test_nearest_neighbours_in_chunks_matches_full_cdist(monkeypatch):
     g = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(50, 8, generator=g), torch.randn(70, 8, generator=g)

@@ -27,27 +27,67 @@ from aeflow.models.base import AnomalyModel, register
 from aeflow.nn.blocks import FeatureStages, adopt_buffer_shapes, gaussian_blur
 
 CDIST_CHUNK_ELEMENTS = 2**25  # query x bank distances held at once (128 MiB of float32)
+CANDIDATES_PER_PICK = 4  # greedy_coreset with block > 1: candidates per centre a round may add
+CORESET_BLOCK = 64  # greedy_coreset: at most this many centres per round (1: one matrix-vector product per centre)
 
 
-def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int | None, generator: torch.Generator):
-    """Indices of `size` rows of `features` (N x D) chosen by greedy k-center selection (Sener & Savarese 2018).
+def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int | None, generator: torch.Generator, *,
+                   block: int = CORESET_BLOCK):
+    """Indices of `size` distinct rows of `features` (N x D) chosen by greedy k-center selection (Sener & Savarese
+    2018), in the order chosen.
 
     Each step adds the point farthest from those chosen so far, so the coreset covers the bank with the smallest
     largest gap. Distances are computed after a random Gaussian projection to `projection_dim` dimensions
-    (Johnson-Lindenstrauss), as in the paper, which makes each step O(N * projection_dim).
+    (Johnson-Lindenstrauss), as in the paper, which makes each step O(N * projection_dim); squared, as
+    |x|^2 - 2 x.c + |c|^2 (one matrix-vector product per step).
+
+    block > 1 (the same selection, faster; measured 0.18 s against 1.58 s for one centre per step on a 20000 x 384
+    bank, 2000 centres, docs/benchmarks.md): each round takes the 4 * block points farthest from the coreset and
+    runs the greedy among them alone, for up to `block` picks, while the pick is at least as far from the
+    coreset as the farthest point outside the candidates was at the round's start (distances only shrink, so
+    the pick is then the exact greedy's too); the bank's distances to the round's new centres are then updated
+    with one matrix product instead of one product per centre.
     """
     n, dim = features.shape
+    if not 1 <= size <= n:
+        raise ConfigError(f"a coreset of {size} rows cannot be chosen from {n}")
     if projection_dim is not None and projection_dim < dim:
         projection = torch.randn(dim, projection_dim, generator=generator) / projection_dim**0.5
         features = features @ projection.to(features)
+    squared = (features * features).sum(1)
     first = int(torch.randint(n, (1,), generator=generator))
-    selected = [first]
-    min_distance = torch.linalg.vector_norm(features - features[first], dim=1)
-    for _ in range(size - 1):
-        index = int(min_distance.argmax())
-        selected.append(index)
-        min_distance = torch.minimum(min_distance, torch.linalg.vector_norm(features - features[index], dim=1))
-    return torch.tensor(selected, device=features.device)
+    chosen = [first]
+    gap = (squared - 2 * features @ features[first] + squared[first]).clamp_min_(0)  # squared distance to coreset
+    gap[first] = -1.0  # chosen: never chosen again, even where the bank repeats a row
+    to_one = torch.empty_like(gap)
+    while len(chosen) < size:
+        picks = min(block, size - len(chosen))
+        if picks == 1:
+            index = int(gap.argmax())
+            torch.addmv(squared, features, features[index], alpha=-2, out=to_one)
+            torch.minimum(gap, to_one.add_(squared[index]).clamp_min_(0), out=gap)
+            gap[index] = -1.0
+            chosen.append(index)
+            continue
+        top = gap.topk(min(n, CANDIDATES_PER_PICK * picks + 1))
+        m = CANDIDATES_PER_PICK * picks
+        candidates, outside = top.indices[:m], float(top.values[m]) if n > m else -1.0
+        local = gap[candidates].clone()
+        between = torch.cdist(features[candidates], features[candidates]).square_()
+        new = []
+        for _ in range(picks):
+            j = int(local.argmax())
+            if new and float(local[j]) < outside:  # a point outside the candidates may be farther: next round
+                break
+            new.append(int(candidates[j]))
+            torch.minimum(local, between[j], out=local)
+            local[j] = -1.0
+        centres = torch.tensor(new, device=features.device)
+        to_new = (squared[:, None] - 2 * features @ features[centres].T + squared[centres][None]).amin(1)
+        torch.minimum(gap, to_new.clamp_min_(0), out=gap)
+        gap[centres] = -1.0
+        chosen += new
+    return torch.tensor(chosen, device=features.device)
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1):
