@@ -9,6 +9,10 @@ of 0.5 x the squared Mahalanobis distance. Printed: validation (where it holds a
 +- std over the runs, per stage and summed over the stages (the model's `score_position`).
 
     python benchmarks/aeflow_reference_probe.py runs/ablation/pneumoniamnist-64-auto-row7-s{0,1,2}
+
+`--memory` adds a position-free reference beside the Gaussians: every training position's z' in one bank, each
+test position scored by its Euclidean distance to the nearest bank vector (PatchCore's score, in the flow's
+latent space), the image by the largest (max) or the mean of its positions' distances.
 """
 
 from __future__ import annotations
@@ -64,10 +68,20 @@ def position_nll(train: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 0.5 * mahalanobis_squared(x.float(), mean, precision).flatten(1).mean(1)
 
 
+def memory_distance(train: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, mean) over positions of each image's 1-NN distance to the bank of all training positions."""
+    from aeflow.models.patchcore import nearest_neighbours
+
+    bank = train.float().permute(0, 2, 3, 1).flatten(0, 2)
+    d = nearest_neighbours(x.float().permute(0, 2, 3, 1).flatten(0, 2), bank, 1)[0].view(len(x), -1)
+    return d.amax(1), d.mean(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--memory", action="store_true", help="add the nearest-neighbour memory on z' (see above)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -84,6 +98,14 @@ def main() -> None:
                 key = f"{source}{i}"
                 scores[f"{source}, stride {stride}"] = {s: position_nll(got["train"][key], got[s][key]) for s in ("val", "test")}
             scores[f"{source}, all stages (sum)"] = {s: sum(v[s] for v in list(scores.values())) for s in ("val", "test")}
+            if args.memory and source == "z'":
+                for i, stride in enumerate(strides):
+                    key = f"z'{i}"
+                    got_max, got_mean = {}, {}
+                    for s in ("val", "test"):
+                        got_max[s], got_mean[s] = memory_distance(got["train"][key], got[s][key])
+                    scores[f"z' memory (1-NN), stride {stride}, max"] = got_max
+                    scores[f"z' memory (1-NN), stride {stride}, mean"] = got_mean
             for name, v in scores.items():
                 val = roc_auc_score(y_val, v["val"].numpy()) if (y_val == 1).any() else float("nan")
                 results.setdefault(name, []).append((val, roc_auc_score(y_test, v["test"].numpy())))

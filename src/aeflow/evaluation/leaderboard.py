@@ -12,7 +12,8 @@ the SHA-256 of each run's splits.json (file list and file checksums) and writes 
 What each run adds to its folder (`benchmark.json`), besides `metrics.json`:
 - fit time: seconds spent in `train` (data loading, training or fitting, calibration);
 - inference images/s: the test images divided by the seconds of one timed `predict_dataset` pass over them (batch
-  32, maps not kept, image decoding included), on the threads the benchmark runs with;
+  32, maps not kept, image decoding included, eager PyTorch: not the fast path `aeflow test` takes), on the
+  threads the benchmark runs with;
 - peak memory: `ru_maxrss` of the process. That figure only ever grows, so each run gets a fresh (spawned) process
   of its own (`isolate=True`) and the figure is that run's peak, imports of torch and lightning included; with
   `isolate=False` it is the peak of the calling process so far, and the leaderboard says so.
@@ -360,7 +361,9 @@ def _read_run(run_dir: Path) -> tuple[dict, dict, dict]:
 
 
 def _test_images_per_second(run_dir: Path) -> float:
-    """Test images per second of one `predict_dataset` pass over the run's test split (decoding included)."""
+    """Test images per second of one `predict_dataset` pass over the run's test split (decoding included), in eager
+    PyTorch: the column compares the models' own code, and stays comparable with boards built before the fast
+    inference path (aeflow.backends)."""
     from aeflow.data import DataSplits, load_splits
     from aeflow.inference import predict_dataset
     from aeflow.training import load_run
@@ -371,7 +374,7 @@ def _test_images_per_second(run_dir: Path) -> float:
                                    channels=train_config["channels"],
                                    intensity=train_config["data"].get("intensity", "auto"), validate=False).test
     started = time.perf_counter()
-    predict_dataset(model, test, batch_size=SPEED_BATCH_SIZE, keep_maps=False)
+    predict_dataset(model, test, batch_size=SPEED_BATCH_SIZE, keep_maps=False, backend="eager")
     return len(test) / (time.perf_counter() - started)
 
 
@@ -417,7 +420,7 @@ def _notes(document: dict) -> list[str]:
         f"{document['threshold_rule']}, fitted on the validation split only. Sorted by image AUROC.",
         "Same split for every model: " + "; ".join(split_lines) + ".",
         f"Fit time: seconds in train() (data loading, training or fitting, calibration). Inference: test images / "
-        f"seconds of one predict_dataset pass (batch {SPEED_BATCH_SIZE}, decoding included). "
+        f"seconds of one predict_dataset pass (batch {SPEED_BATCH_SIZE}, decoding included, eager PyTorch). "
         f"{document['threads']} thread(s). Peak memory: ru_maxrss {document['peak_memory']}, imports included.",
     ]
 
