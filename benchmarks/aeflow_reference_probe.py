@@ -106,6 +106,9 @@ def main() -> None:
                         got_max[s], got_mean[s] = memory_distance(got["train"][key], got[s][key])
                     scores[f"z' memory (1-NN), stride {stride}, max"] = got_max
                     scores[f"z' memory (1-NN), stride {stride}, mean"] = got_mean
+                means = [scores[f"z' memory (1-NN), stride {stride}, mean"] for stride in strides]
+                scores["z' memory (1-NN), all stages (sum of means)"] = {s: sum(m[s] for m in means)
+                                                                         for s in ("val", "test")}
             for name, v in scores.items():
                 val = roc_auc_score(y_val, v["val"].numpy()) if (y_val == 1).any() else float("nan")
                 results.setdefault(name, []).append((val, roc_auc_score(y_test, v["test"].numpy())))
