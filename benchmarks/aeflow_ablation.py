@@ -51,9 +51,11 @@ ROWS = [
     ("+ up-sampling decoder", {"decoder": "upsample"}, {}),
     ("+ fused pixel map", {"map_mode": "fused"}, {}),
     ("+ stride-8 flow", {"stages": [8, 16]}, {}),
-    # The default: rows 4 and 5 (decoder, map) go back to what they were, the reference comes in.
+    # Rows 4 and 5 (decoder, map) go back to what they were, the reference comes in.
     ("+ per-position reference of z' (score, map), transposed decoder", {"reference": "position", "map_mode": "position",
                                                                         "decoder": "transposed"}, {}),
+    # The default: the Gaussians give way to a position-free memory of z' (a 10 % coreset per stage).
+    ("+ memory of z' in place of the Gaussians (10 % coreset)", {"reference": "memory", "memory_ratio": 0.1}, {}),
 ]
 KEYS = ("image_AUROC", "image_F1", "pixel_AUROC", "component/score_flow_nll/image_AUROC",
         "component/score_flow_max/image_AUROC", "component/score_recon/image_AUROC",

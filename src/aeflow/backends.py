@@ -12,12 +12,16 @@ The choice, for backend="auto":
    with its 4-D weights in NHWC order, fed NHWC images; on CPU oneDNN's convolutions prefer it) and, on CPU with
    onnxruntime installed, "onnxruntime" (the model's predict traced to ONNX, every output of predict kept, the
    batch size free; run with as many intra-op threads as torch uses).
-2. Parity: each candidate's outputs on a batch of one and a batch of three smooth random images must be within
-   PARITY_TOLERANCE of eager's, relative to the largest eager value of each output (`parity_error`). A candidate
-   that cannot be built, fails or differs is dropped, and the report says why.
+2. Parity: each candidate's outputs on a batch of one, a batch of three and a batch of the caller's batch size of
+   smooth random images must be within PARITY_TOLERANCE of eager's, relative to the largest eager value of each
+   output (`parity_error`). A candidate that cannot be built, fails or differs is dropped, and the report says
+   why. (A traced graph freezes the model's Python control flow at the traced batch: e.g. a memory bank searched
+   in chunks of queries runs one chunk whatever the batch, which only a batch of the size used shows.)
 3. Speed: every surviving candidate scores the same batch (`timing_batch` images, the caller's batch size up to
    16) once to warm up and `TIMING_ROUNDS` times, interleaved; the best round counts. The fastest wins if it beats
    eager by more than SPEEDUP_MARGIN (a smaller lead is within the noise of a shared machine); otherwise eager.
+4. At run time, should the chosen backend still fail on a batch (a batch larger than any checked), that batch and
+   every later one run eagerly, with a warning, and the report records it (`fell_back`): no prediction is lost.
 
 Building, checking and timing cost seconds (all three candidates for a trained AE-FLOW, EfficientNet-Lite0 at 64 px:
 2.5 s on one thread of a 2-core Xeon), once per loaded model: worth it for a test split or a server, not for
@@ -57,9 +61,20 @@ class Predictor:
     name: str
     run: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     report: dict = field(default_factory=dict)
+    fallback: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.run(images)
+        if self.fallback is None:
+            return self.run(images)
+        try:
+            return self.run(images)
+        except Exception as exc:  # noqa: BLE001 - eager gives the same outputs (parity), or raises the model's error
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            warnings.warn(f"backend {self.name!r} failed on a batch of {len(images)} ({reason}); running eagerly "
+                          "from now on", RuntimeWarning, stacklevel=2)
+            self.report["fell_back"] = {"to": "eager", "batch": len(images), "error": reason}
+            self.run, self.fallback = self.fallback, None
+            return self.run(images)
 
 
 def make_predictor(model: nn.Module, shape: tuple[int, int, int], *, backend: str = "auto",
@@ -79,6 +94,8 @@ def make_predictor(model: nn.Module, shape: tuple[int, int, int], *, backend: st
     on_cpu = torch.device(device).type == "cpu"
     names = [backend] if backend != "auto" else ["channels_last"] + (["onnxruntime"] if on_cpu else [])
     probes = [smooth_images(1, 9, shape), smooth_images(3, 25, shape)]
+    if batch_size > 3:
+        probes.append(smooth_images(batch_size, 9, shape, seed=2))
     try:
         expected = [{k: v.float().cpu() for k, v in eager(p.to(device)).items()} for p in probes]
     except Exception as exc:  # noqa: BLE001 - the model's own error is raised again, unchanged, when it is used
@@ -113,6 +130,9 @@ def make_predictor(model: nn.Module, shape: tuple[int, int, int], *, backend: st
     batch = timing_batch(batch_size)
     images = smooth_images(batch, 9, shape).to(device)
     speed = _images_per_second(candidates, images)
+    for name in [n for n in candidates if n not in speed]:
+        report["candidates"][name]["error"] = "failed while timed"
+        candidates.pop(name)
     for name, value in speed.items():
         report["candidates"][name]["images_per_second"] = value
     best = max(speed, key=speed.get)
@@ -123,6 +143,8 @@ def make_predictor(model: nn.Module, shape: tuple[int, int, int], *, backend: st
                                                 else "")
     chosen = candidates[best]
     chosen.report = {"backend": best, "reason": reason, "timing_batch": batch, **report}
+    if best != "eager":
+        chosen.fallback = eager.run
     return chosen
 
 
@@ -278,8 +300,17 @@ def smooth_images(batch: int, width: int, shape: tuple[int, int, int], seed: int
 
 
 def _images_per_second(candidates: dict[str, Predictor], images: torch.Tensor) -> dict[str, float]:
-    for predictor in candidates.values():  # warm-up: first-call allocations, oneDNN kernel selection
-        predictor(images)
+    """Images per second of each candidate (eager always); one that fails is left out."""
+    working = {}
+    for name, predictor in candidates.items():  # warm-up: first-call allocations, oneDNN kernel selection
+        try:
+            predictor(images)
+        except Exception:  # noqa: BLE001 - not this backend; eager's own failure is raised
+            if name == "eager":
+                raise
+            continue
+        working[name] = predictor
+    candidates = working
     best = {name: float("inf") for name in candidates}
     for _ in range(TIMING_ROUNDS):  # interleaved, so a burst of load on a shared machine hits all alike
         for name, predictor in candidates.items():

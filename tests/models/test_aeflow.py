@@ -163,8 +163,9 @@ def test_upsampling_decoder_has_no_checkerboard():
     assert energy["upsample"] < 0.2 * energy["transposed"], energy
 
 
-def test_rebuilds_from_config_and_weights():
-    model = small_model().eval()
+@pytest.mark.parametrize("reference", ["memory", "position"])
+def test_rebuilds_from_config_and_weights(reference):
+    model = small_model(reference=reference).eval()
     model.fit_reference([torch.rand(6, 1, 64, 64)])
     model.calibrate([torch.rand(3, 1, 64, 64)])
     rebuilt = create_model("aeflow", **model.config())
@@ -172,10 +173,14 @@ def test_rebuilds_from_config_and_weights():
     rebuilt.eval()
     images = torch.rand(2, 1, 64, 64)
     assert torch.equal(model.predict(images)["pred_score"], rebuilt.predict(images)["pred_score"])
-    # The per-position reference travels with the weights: ResNet-18's stride-8 stage (128 channels, 8 x 8
-    # positions) and its stride-16 one (256 channels, of which reference_channels = 128 are kept, 4 x 4).
-    assert model.reference_mean0.shape == (64, 128) and model.reference_precision0.shape == (64, 128, 128)
-    assert model.reference_mean1.shape == (16, 128) and model.reference_index1.shape == (128,)
+    # The reference travels with the weights: ResNet-18's stride-8 stage (128 channels, 8 x 8 positions) and its
+    # stride-16 one (256 channels, of which reference_channels = 128 are kept, 4 x 4).
+    if reference == "position":
+        assert model.reference_mean0.shape == (64, 128) and model.reference_precision0.shape == (64, 128, 128)
+        assert model.reference_mean1.shape == (16, 128)
+    else:  # 10 % of the 6 images' positions: round(0.1 * 6 * 64) and round(0.1 * 6 * 16) bank vectors
+        assert model.reference_bank0.shape == (38, 128) and model.reference_bank1.shape == (10, 128)
+    assert model.reference_index1.shape == (128,)
     assert torch.equal(model.predict(images)["anomaly_map"], rebuilt.predict(images)["anomaly_map"])
 
 
@@ -190,7 +195,7 @@ def test_position_map_knows_where_normal_images_are_unusual():
     bottom-right one instead. The position map, whose reference is the normal images' z' at each position, is
     highest where the anomaly's square is (over 5 times the two corners that did not change: measured 14x) and
     higher there than anywhere on a normal image. (Untrained flow: the per-position reference alone does it.)"""
-    model = small_model(score_mode="standardized").eval()
+    model = small_model(score_mode="standardized", reference="position").eval()
     normals = _square_at(0.3 + 0.05 * torch.randn(48, 1, 64, 64), 0, 0).clamp(0, 1)
     model.fit_reference([normals[:40]])
     model.calibrate([normals[:40]])
@@ -207,7 +212,7 @@ def test_position_map_knows_where_normal_images_are_unusual():
 
 
 def test_position_map_refuses_another_image_size():
-    model = small_model(score_mode="standardized").eval()
+    model = small_model(score_mode="standardized", reference="position").eval()
     with pytest.raises(ConfigError, match="fit_reference"):
         model.predict(torch.rand(1, 1, 64, 64))
     model.fit_reference([torch.rand(4, 1, 64, 64)])
@@ -223,10 +228,12 @@ def test_options_are_checked_at_the_door():
         small_model(stages=[16, 8])
     with pytest.raises(ConfigError, match="feature_norm"):
         small_model(feature_norm="batch")
-    with pytest.raises(ConfigError, match="needs reference='position'"):
+    with pytest.raises(ConfigError, match="needs reference='position' or 'memory'"):
         small_model(reference="none")  # the default map is the reference's
     with pytest.raises(ConfigError, match="reference"):
         small_model(reference="global")
+    with pytest.raises(ConfigError, match="memory_ratio"):
+        small_model(reference="memory", memory_ratio=0.0)
     with pytest.raises(ConfigError, match="multiples of 16"):
         small_model(score_mode="paper", map_mode="residual").predict(torch.rand(1, 1, 72, 72))
 
@@ -278,7 +285,7 @@ def test_reference_score_is_the_gaussian_likelihood_of_each_positions_latent():
     checked against numpy on a tiny model whose stride-16 stage keeps a random 8 of its 256 channels."""
     import numpy as np
 
-    model = small_model(reference_channels=8).eval()
+    model = small_model(reference="position", reference_channels=8).eval()
     train, test = torch.rand(12, 1, 32, 32), torch.rand(3, 1, 32, 32)
     model.fit_reference([train[:5], train[5:]])  # two batches: the sums add up
     with torch.no_grad():
@@ -304,7 +311,7 @@ def test_reference_is_fitted_on_the_normal_images_of_the_batches_only():
     """fit_reference takes Batches as training yields them: images labelled anomalous (semi-supervised training)
     stay out of the reference, which is then the one the normal images alone give."""
     batch = collate(list(load_data("synthetic", image_size=64, n_train=10, n_val=0, n_test=0).train))
-    model = small_model().eval()
+    model = small_model(reference="position").eval()
     labelled = batch.label.clone()
     labelled[:3] = 1
     model.fit_reference([dataclasses.replace(batch, label=labelled)])
@@ -314,6 +321,75 @@ def test_reference_is_fitted_on_the_normal_images_of_the_batches_only():
     assert torch.equal(with_labels[1], model.reference_precision1)
     model.fit_reference([batch.image])
     assert not torch.allclose(with_labels[0], model.reference_mean0)
+
+
+def test_memory_reference_is_the_distance_to_the_nearest_normal_latent_of_any_position():
+    """reference="memory": each position's score is the Euclidean distance of its z' (on the stage's kept channels)
+    to the nearest z' of ANY position of ANY normal training image, checked against a brute-force float64 search;
+    score_position sums the stages' means over positions, and the map is highest where the anomaly is."""
+    model = small_model(reference="memory", reference_channels=8, memory_ratio=1.0).eval()
+    train, test = torch.rand(12, 1, 32, 32), torch.rand(3, 1, 32, 32)
+    model.fit_reference([train[:5], train[5:]])
+    with torch.no_grad():
+        train_latents = [z.double() for z, _ in model.flow_and_reconstruction(train)[0]]
+        test_latents = [z.double() for z, _ in model.flow_and_reconstruction(test)[0]]
+    expected = torch.zeros(3, dtype=torch.float64)
+    for i, (zt, zx) in enumerate(zip(train_latents, test_latents)):
+        kept = getattr(model, f"reference_index{i}")
+        bank = zt[:, kept].permute(0, 2, 3, 1).reshape(-1, len(kept))  # every position of every image
+        assert getattr(model, f"reference_bank{i}").shape == bank.shape  # memory_ratio=1 keeps them all
+        queries = zx[:, kept].permute(0, 2, 3, 1)  # B x h x w x d
+        nearest = (queries[..., None, :] - bank).pow(2).sum(-1).amin(-1).sqrt()  # B x h x w
+        expected += nearest.flatten(1).mean(1)
+    got = model.score_components(test)["score_position"].double()
+    assert torch.allclose(got, expected, rtol=1e-4), (got, expected)
+    # A training image is its own nearest neighbour: distance 0 at every position (up to the rounding of the
+    # matrix-product distances, ~1e-3 here against ~1 for a test image's score).
+    assert float(model.score_components(train[:2])["score_position"].abs().max()) < 0.01 * float(got.min())
+
+
+def test_memory_reference_coreset_keeps_a_covering_subset_of_the_bank():
+    """memory_ratio < 1 keeps that fraction of the bank's rows, chosen by greedy k-center selection: each kept row
+    is a row of the full bank, and every row of the full bank lies nearer to the coreset than a random subset of
+    the same size manages on average (the coreset covers the bank)."""
+    train = torch.rand(16, 1, 32, 32)
+    full = small_model(reference="memory", reference_channels=8, memory_ratio=1.0).eval()
+    full.fit_reference([train])
+    small = small_model(reference="memory", reference_channels=8, memory_ratio=0.25).eval()
+    small.load_state_dict(full.state_dict())  # the same flows (their permutations are not drawn from torch's seed)
+    small.fit_reference([train])
+    bank, coreset = full.reference_bank0, small.reference_bank0
+    assert len(coreset) == round(0.25 * len(bank))
+
+    def radius(rows, centres):  # the largest distance of a row to its nearest centre, computed directly
+        return float(torch.cdist(rows.double(), centres.double(), compute_mode="donot_use_mm_for_euclid_dist")
+                     .amin(1).max())
+
+    assert radius(coreset, bank) < 1e-6  # every kept row is a bank row
+    g = torch.Generator().manual_seed(0)
+    random_radii = [radius(bank, bank[torch.randperm(len(bank), generator=g)[: len(coreset)]]) for _ in range(5)]
+    assert radius(bank, coreset) < min(random_radii), (radius(bank, coreset), random_radii)
+    # Saved and loaded, the bank comes back with its fitted size.
+    loaded = small_model(reference="memory", reference_channels=8, memory_ratio=0.25)
+    loaded.load_state_dict(small.state_dict())
+    assert loaded.reference_fitted and torch.equal(loaded.reference_bank0, coreset)
+
+
+def test_memory_map_finds_the_moved_square():
+    """The same moved-square set-up as the position map's test, with the position-free memory: a square in the
+    bottom-right corner is far from every normal z' (no normal image has one anywhere but the top-left), while the
+    now-empty top-left corner looks like the normal images' background; the map is highest at the moved square."""
+    model = small_model(score_mode="standardized", reference="memory").eval()
+    normals = _square_at(0.3 + 0.05 * torch.randn(48, 1, 64, 64), 0, 0).clamp(0, 1)
+    model.fit_reference([normals[:40]])
+    model.calibrate([normals[:40]])
+    anomaly = _square_at(0.3 + 0.05 * torch.randn(1, 1, 64, 64), 48, 48)
+    anomaly[:, :, 0:16, 0:16] = 0.3 + 0.05 * torch.randn(1, 1, 16, 16)
+    maps = model.predict(torch.cat([normals[40:], anomaly.clamp(0, 1)]))["anomaly_map"]
+    anomaly_map = maps[-1]
+    moved = float(anomaly_map[48:64, 48:64].mean())
+    assert moved > 2 * float(anomaly_map[0:16, 48:64].mean()), float(anomaly_map[0:16, 48:64].mean())
+    assert moved > float(maps[:-1].amax(dim=(1, 2)).mean())
 
 
 def test_fitted_blend_replaces_the_label_free_one_only_beyond_a_standard_error():

@@ -91,3 +91,41 @@ def test_predict_dataset_auto_equals_eager(model):
     assert abs(auto.pred_score - eager.pred_score).max() <= PARITY_TOLERANCE * scale
     assert abs(auto.anomaly_map - eager.anomaly_map).max() <= PARITY_TOLERANCE * abs(eager.anomaly_map).max()
     json.dumps(auto.backend)  # the report is JSON as it is
+
+
+class _ChunkedSearch(torch.nn.Module):
+    """A predict with Python control flow that depends on the batch: rows are processed in chunks of 4, so a graph
+    traced on a small batch holds one chunk and breaks (or drops rows) on a batch of more than 4."""
+
+    def predict(self, images):
+        rows = images.flatten(1)
+        parts = [rows[start : start + 4].mean(1) for start in range(0, len(rows), 4)]
+        score = torch.cat(parts)
+        return {"pred_score": score, "anomaly_map": images[:, 0] * score.view(-1, 1, 1)}
+
+
+def test_a_graph_frozen_at_a_small_batch_is_refused_at_the_callers_batch_size():
+    pytest.importorskip("onnxruntime")
+    images = backends.smooth_images(8, 3, (1, 16, 16))
+    with pytest.raises(ConfigError, match="onnxruntime"):
+        make_predictor(_ChunkedSearch(), (1, 16, 16), backend="onnxruntime", batch_size=8)
+    auto = make_predictor(_ChunkedSearch(), (1, 16, 16), backend="auto", batch_size=8)
+    assert auto.name != "onnxruntime" and "error" in auto.report["candidates"]["onnxruntime"]
+    assert parity_error(_ChunkedSearch().predict(images), auto(images)) <= PARITY_TOLERANCE
+
+
+def test_a_backend_that_fails_at_run_time_falls_back_to_eager_with_a_warning():
+    """Checked at batch 2, then given a batch of 8: the chosen onnxruntime graph fails, that batch and the later
+    ones run eagerly, and the report says so."""
+    pytest.importorskip("onnxruntime")
+    speeds = {"eager": 1.0, "channels_last": 1.0, "onnxruntime": 10.0}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "_images_per_second", lambda candidates, images: {k: speeds[k] for k in candidates})
+        chosen = make_predictor(_ChunkedSearch(), (1, 16, 16), backend="auto", batch_size=2)
+    assert chosen.name == "onnxruntime"
+    images = backends.smooth_images(8, 3, (1, 16, 16))
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        got = chosen(images)
+    assert parity_error(_ChunkedSearch().predict(images), got) <= PARITY_TOLERANCE
+    assert chosen.report["fell_back"]["batch"] == 8
+    assert parity_error(_ChunkedSearch().predict(images[:5]), chosen(images[:5])) <= PARITY_TOLERANCE

@@ -150,8 +150,11 @@ class AEFlowGMM(AEFlow):
                  unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05, initial_var: float = 4.0,
                  initial_fraction: float = 0.1, **aeflow_options):
         self.posterior_map = map_mode == "posterior"
+        # The reference-space posterior whitens z' with the reference's per-position Gaussians: the mixture keeps
+        # reference="position" (AE-FLOW's "memory" bank has no Gaussians to whiten with) unless told otherwise.
+        aeflow_options.setdefault("reference", "position")
         if self.posterior_map:  # AE-FLOW's own map until the mixture is trained
-            map_mode = "position" if aeflow_options.get("reference", "position") == "position" else "residual"
+            map_mode = "position" if aeflow_options["reference"] != "none" else "residual"
         super().__init__(map_mode=map_mode, **aeflow_options)
         if gamma != "validated" and (isinstance(gamma, (bool, str)) or not 0.0 <= gamma <= 1.0):
             raise ConfigError(f"gamma must lie in [0, 1] or be 'validated', got {gamma!r}")
@@ -165,8 +168,8 @@ class AEFlowGMM(AEFlow):
         if anomaly_types is not None and (not anomaly_types or len(set(anomaly_types)) != len(anomaly_types)):
             raise ConfigError(f"anomaly_types must name distinct types, got {anomaly_types!r}")
         if posterior_space is None:
-            posterior_space = "reference" if self.n_stages else "latent"
-        if posterior_space not in POSTERIOR_SPACES or (posterior_space == "reference" and not self.n_stages):
+            posterior_space = "reference" if self.reference == "position" else "latent"
+        if posterior_space not in POSTERIOR_SPACES or (posterior_space == "reference" and self.reference != "position"):
             raise ConfigError(f"posterior_space must be one of {POSTERIOR_SPACES} ('reference' needs "
                               f"reference='position'), got {posterior_space!r}")
         if not latent_prior and posterior_space != "reference":

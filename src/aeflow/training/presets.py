@@ -6,7 +6,7 @@
   every aeflow departure switched off by name, and the checkpoint with the lowest validation loss.
 - `paper_chest_xray`: the paper's chest X-ray variant: "conv" coupling network (FastFlow style), lr 1e-3.
 - `chest_xray`: the chest X-ray variant with aeflow's measured defaults (`_MEASURED`, docs/aeflow.md): per-image
-  feature normalisation, flows on the stride-8 and -16 features, the per-position reference of z' (image score
+  feature normalisation, flows on the stride-8 and -16 features, the memory reference of z' (image score
   and map), the score blend and the checkpoint chosen on validation, early stopping after 10 epochs without a
   better validation criterion.
 - `quick`: minutes on a laptop CPU (the demo): the measured defaults with EfficientNet-Lite0, whose real ImageNet
@@ -39,7 +39,7 @@ _PAPER_MODEL = {
 # aeflow's measured defaults (the model's own defaults, named so that presets stay what they were measured as):
 # docs/results/ablation_*.md.
 _MEASURED = {"feature_norm": "image", "score_mode": "validated", "stages": [8, 16], "decoder": "transposed",
-             "reference": "position", "map_mode": "position"}
+             "reference": "memory", "memory_ratio": 0.1, "map_mode": "position"}
 
 PRESETS: dict[str, dict] = {
     "paper": {
