@@ -143,7 +143,7 @@ class AEFlow(AnomalyModel):
       It uses where things are (a border that is always bright is normal there only), holds P x d x d
       precisions per stage, and fixes the positions: images are scored at the training size.
       Measured at the boards' 4 epochs (3 seeds, docs/aeflow.md): the memory ranks images better on both boards
-      (magnetic tile 0.954 -> 0.984, PneumoniaMNIST 0.901 -> see docs), the Gaussians' map is better at pixel
+      (magnetic tile 0.954 -> 0.984, PneumoniaMNIST 0.901 -> 0.918), the Gaussians' map is better at pixel
       level on the tiles (0.817 against 0.791), whose layout is fixed.
       Either reference adds `score_position` = the sum over stages of the mean over positions of d_sp (and, with
       several stages, `score_position_s<stride>` each stage's term) and the "position" map (d_sp up-sampled,
