@@ -174,7 +174,7 @@ def test_patchcore_merges_the_coresets_of_both_ranks(ddp_runs):
     sizes = [round(0.1 * len(shard) * per_image) for shard in shards]
     assert len(model.memory_bank) == sum(sizes)
     nearest = torch.cdist(model.memory_bank, torch.cat(patches), compute_mode="donot_use_mm_for_euclid_dist").min(1)
-    assert float(nearest.values.max()) < 1e-4  # every bank row is a training patch...
+    assert float(nearest.values.max()) < 1e-3  # every bank row is a training patch (up to float32 rounding of a batched embed)...
     image = nearest.indices // per_image
     first, second = image[:sizes[0]], image[sizes[0]:]
     assert set(first.tolist()) <= set(shards[0]) and set(second.tolist()) <= set(shards[1])  # ...of its rank's shard
