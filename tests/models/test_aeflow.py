@@ -190,19 +190,24 @@ def _square_at(images: torch.Tensor, row: int, col: int) -> torch.Tensor:
     return images
 
 
-def test_position_map_knows_where_normal_images_are_unusual():
-    """Normal images all hold a bright 16-px square in the top-left corner; the anomaly holds it in the
-    bottom-right one instead. The position map, whose reference is the normal images' z' at each position, is
-    highest where the anomaly's square is (over 5 times the two corners that did not change: measured 14x) and
-    higher there than anywhere on a normal image. (Untrained flow: the per-position reference alone does it.)"""
-    model = small_model(score_mode="standardized", reference="position").eval()
+def _moved_square_maps(model: AEFlow) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit the reference and calibration on 40 normal images with a bright square in the top-left corner, and map 8
+    more normals and one anomaly whose square is in the bottom-right corner instead: (normal maps, anomaly map)."""
     normals = _square_at(0.3 + 0.05 * torch.randn(48, 1, 64, 64), 0, 0).clamp(0, 1)
     model.fit_reference([normals[:40]])
     model.calibrate([normals[:40]])
     anomaly = _square_at(0.3 + 0.05 * torch.randn(1, 1, 64, 64), 48, 48)
     anomaly[:, :, 0:16, 0:16] = 0.3 + 0.05 * torch.randn(1, 1, 16, 16)
     maps = model.predict(torch.cat([normals[40:], anomaly.clamp(0, 1)]))["anomaly_map"]
-    normal_maps, anomaly_map = maps[:-1], maps[-1]
+    return maps[:-1], maps[-1]
+
+
+def test_position_map_knows_where_normal_images_are_unusual():
+    """Normal images all hold a bright 16-px square in the top-left corner; the anomaly holds it in the
+    bottom-right one instead. The position map, whose reference is the normal images' z' at each position, is
+    highest where the anomaly's square is (over 5 times the two corners that did not change: measured 14x) and
+    higher there than anywhere on a normal image. (Untrained flow: the per-position reference alone does it.)"""
+    normal_maps, anomaly_map = _moved_square_maps(small_model(score_mode="standardized", reference="position").eval())
 
     def corner(r, c):
         return float(anomaly_map[r:r + 16, c:c + 16].mean())
@@ -379,17 +384,10 @@ def test_memory_map_finds_the_moved_square():
     """The same moved-square set-up as the position map's test, with the position-free memory: a square in the
     bottom-right corner is far from every normal z' (no normal image has one anywhere but the top-left), while the
     now-empty top-left corner looks like the normal images' background; the map is highest at the moved square."""
-    model = small_model(score_mode="standardized", reference="memory").eval()
-    normals = _square_at(0.3 + 0.05 * torch.randn(48, 1, 64, 64), 0, 0).clamp(0, 1)
-    model.fit_reference([normals[:40]])
-    model.calibrate([normals[:40]])
-    anomaly = _square_at(0.3 + 0.05 * torch.randn(1, 1, 64, 64), 48, 48)
-    anomaly[:, :, 0:16, 0:16] = 0.3 + 0.05 * torch.randn(1, 1, 16, 16)
-    maps = model.predict(torch.cat([normals[40:], anomaly.clamp(0, 1)]))["anomaly_map"]
-    anomaly_map = maps[-1]
+    normal_maps, anomaly_map = _moved_square_maps(small_model(score_mode="standardized", reference="memory").eval())
     moved = float(anomaly_map[48:64, 48:64].mean())
     assert moved > 2 * float(anomaly_map[0:16, 48:64].mean()), float(anomaly_map[0:16, 48:64].mean())
-    assert moved > float(maps[:-1].amax(dim=(1, 2)).mean())
+    assert moved > float(normal_maps.amax(dim=(1, 2)).mean())
 
 
 def test_fitted_blend_replaces_the_label_free_one_only_beyond_a_standard_error():

@@ -310,7 +310,7 @@ class AEFlow(AnomalyModel):
         loss = self.alpha * loss_flow + (1 - self.alpha) * loss_recon
         return {"loss": loss, "loss_flow": loss_flow, "loss_recon": loss_recon}
 
-    # 5. Scores (a): the reference, per-position Gaussians of the normal training images' z' -------------
+    # 5. Scores (a): the reference of the normal training images' z', a memory bank or per-position Gaussians
 
     def _reference_buffers(self, i: int) -> tuple[str, ...]:
         """The fitted buffers of stage i's reference (empty until `fit_reference`)."""
