@@ -21,10 +21,10 @@ def phantoms(n: int, seed: int, size: int, anomaly: str = "good") -> np.ndarray:
 @pytest.fixture(scope="module")
 def fitted():
     """AE-FLOW (pretrained EfficientNet-Lite0 trunk) fitted on 60 normal 128 px phantoms for 4 epochs (~12 s), with
-    aeflow's defaults (two flow stages, per-image feature norm, the per-position reference and the label-free
-    blend): image AUROC 0.878 on the 60 phantoms below. The earlier default (one stride-16 flow, no reference) scored
-    0.48 here, and the per-channel norm with the NLL-only blend 0.73 with today's two stages. Both numbers:
-    `python benchmarks/phantom_checks.py`.
+    aeflow's defaults (two flow stages, per-image feature norm, the memory reference and the label-free blend):
+    image AUROC 0.884 on the 60 phantoms below (0.878 with the per-position Gaussian reference). The default before
+    any reference (one stride-16 flow) scored 0.48 here, and the per-channel norm with the NLL-only blend 0.73 with
+    today's two stages. The numbers: `python benchmarks/phantom_checks.py`.
     """
     from .conftest import one_thread
 
