@@ -23,8 +23,9 @@ The choice, for backend="auto":
 4. At run time, should the chosen backend still fail on a batch (a batch larger than any checked), that batch and
    every later one run eagerly, with a warning, and the report records it (`fell_back`): no prediction is lost.
 
-Building, checking and timing cost seconds (all three candidates for a trained AE-FLOW, EfficientNet-Lite0 at 64 px:
-2.5 s on one thread of a 2-core Xeon), once per loaded model: worth it for a test split or a server, not for
+Building, checking and timing cost seconds (all three candidates for a trained AE-FLOW, EfficientNet-Lite0 at 64 px,
+the memory reference: 4.9 s at batch size 3, 5.5 s at 32 with its parity probe, on one thread of a 2-core AMD
+EPYC; `make_predictor(load_run("runs/<run>")[0], (1, 64, 64), batch_size=...)` timed), once per loaded model: worth it for a test split or a server, not for
 one image (`--backend eager`).
 """
 
