@@ -25,8 +25,8 @@ The choice, for backend="auto":
 
 Building, checking and timing cost seconds (all three candidates for a trained AE-FLOW, EfficientNet-Lite0 at 64 px,
 the memory reference: 4.9 s at batch size 3, 5.5 s at 32 with its parity probe, on one thread of a 2-core AMD
-EPYC; `make_predictor(load_run("runs/<run>")[0], (1, 64, 64), batch_size=...)` timed), once per loaded model: worth it for a test split or a server, not for
-one image (`--backend eager`).
+EPYC; `make_predictor(load_run("runs/<run>")[0], (1, 64, 64), batch_size=...)` timed), once per loaded model:
+worth it for a test split or a server, not for one image (`--backend eager`).
 """
 
 from __future__ import annotations
