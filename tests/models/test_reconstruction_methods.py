@@ -2,12 +2,17 @@
 lesions; their building blocks (MNAD's memory update and losses, EdgeRec's edge and difference maps, DDAD's noising
 and conditioned update) are checked against hand-computed values.
 
-Bounds: image AUROC >= 0.7 on N normal vs N lesion test images. Under the null (scores unrelated to the label) the
-AUROC of n vs n images has mean 0.5 and sd sqrt((2n + 1) / (12 n^2)): 0.092 at n = 20, so 0.7 is 2.2 sd above
-chance (a model that learned nothing passes about 1.5% of the time; the fixed seeds make each run deterministic),
-and a shuffled or constant score fails it. Pixel AUROC >= 0.75 on the ~16k lesion-image pixels at 32 px (chance has
-a spread of about 0.005 there). Measured with seed 0 (image / pixel AUROC): MNAD 0.780 / 0.974, EdgeRec
-0.918 / 0.969, DDAD 0.820 / 0.963; `python tests/models/test_reconstruction_methods.py` re-measures seeds 0, 1, 2.
+Bounds: image AUROC on n normal vs n lesion test images. Under the null (scores unrelated to the label) the AUROC of
+n vs n images has mean 0.5 and sd sqrt((2n + 1) / (12 n^2)): 0.092 at n = 20, 0.053 at n = 60. EdgeRec and DDAD:
+n = 20 and a bound of 0.7, 2.2 sd above chance. MNAD's image score is the paper's, the PSNR of the whole frame
+blended with the memory distance; a lesion of a few pixels moves a whole-frame PSNR little, so it ranks the phantoms
+near 0.67 (seeds 0, 1, 2 at n = 60: 0.690 / 0.685 / 0.672 with one thread, 0.686 / 0.649 / 0.683 with two; at
+n = 20 it swung between 0.63 and 0.76 with the seed and the thread count, and a bound of 0.7 failed in CI).
+MNAD is therefore judged on n = 60 against 0.62, 2.3 sd above chance (a model that learned nothing passes about
+1% of the time), and its map carries the stronger check. Pixel AUROC >= 0.75 on the lesion-image pixels at 32 px
+(chance has a spread of about 0.005 there). Measured with seed 0 (image / pixel AUROC): EdgeRec 0.918 / 0.969,
+DDAD 0.820 / 0.963, MNAD 0.690 / 0.970. A shuffled or constant score fails both.
+`python tests/models/test_reconstruction_methods.py` re-measures seeds 0, 1, 2.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from aeflow.training import load_checkpoint, save_checkpoint
 
 from test_baselines import as_batch, auroc, phantom_split, seed_all, train
 
-N_TEST = 20  # per class
+N_TEST = 20  # per class, unless N_TEST_OF says otherwise
+N_TEST_OF = {"mnad": 60}
+IMAGE_BOUND = {"mnad": 0.62}  # 0.7 otherwise; see the module docstring
 
 # (name, constructor kwargs, image size, Adam steps, learning rate): the smallest set-ups that cleared the bounds with
 # a margin on three seeds.
 SETUPS = {
-    "mnad": (dict(widths=(16, 32, 64), blur_sigma=1.0), 32, 300, 5e-3),
+    "mnad": (dict(widths=(16, 32, 64), blur_sigma=1.0), 32, 600, 5e-3),
     "edgerec": (dict(widths=(8, 16, 32), blur_sigma=1.0), 32, 150, 5e-3),
     # DDAD: training draws t only up to test_t (train_t_max), where the test trajectory goes; v = 8 because at 32 px
     # the backbone's stride-16 stage is 2 x 2 and the feature distance ranks the phantoms below chance (image AUROC
@@ -45,7 +52,7 @@ SETUPS = {
 
 def trained(name: str, seed: int = 0):
     kwargs, size, steps, lr = SETUPS[name]
-    data = phantom_split(size, n_test=N_TEST)
+    data = phantom_split(size, n_test=N_TEST_OF.get(name, N_TEST))
     seed_all(seed)
     model = train(create_model(name, **kwargs), data["train"], steps=steps, lr=lr, seed=seed)
     if hasattr(model, "calibrate"):  # statistics of normal images: training normals here, never the test images
@@ -73,7 +80,7 @@ def test_method_separates_synthetic_lesions_and_round_trips(name, tmp_path):
         if key.startswith("score_"):
             assert value.shape == (n,), key
     print(f"{name}: image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}")
-    assert image_auroc >= 0.7, f"{name} image AUROC {image_auroc:.3f}"
+    assert image_auroc >= IMAGE_BOUND.get(name, 0.7), f"{name} image AUROC {image_auroc:.3f}"
     assert pixel_auroc >= 0.75, f"{name} pixel AUROC {pixel_auroc:.3f}"
 
     # An image's score does not depend on the other images of its batch.
