@@ -380,7 +380,25 @@ def coverage_radius(bank: torch.Tensor, centres: torch.Tensor, chunk: int = 4096
     return worst
 
 
+CORESET_SEEDS = (0, 1, 2)
+# glibc's allocator, left to itself, grew anomalib 2.7's KCenterGreedy (torch 2.14.1, CPU) by one 20000 x 244 float
+# buffer per centre (about 0.46 GB/s here; the process was killed past 24 GB, at a few hundred of the 2000 centres):
+# each step's `features - center` lands in a fresh piece of the heap. A fixed mmap threshold gives such buffers back
+# at every free, and the resident memory stays flat (1.1 GB). The selection runs in a child process that has it,
+# both libraries in the same child, so the setting applies to both sides alike.
+CORESET_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def run_coreset(args) -> dict:
+    """Both selections over CORESET_SEEDS in a child process with CORESET_ENV; its JSON result."""
+    cmd = [sys.executable, __file__, "--coreset-one", "--threads", str(args.threads), "--bank", str(args.bank),
+           "--bank-seed", str(args.bank_seed)]
+    env = {**os.environ, **CORESET_ENV}
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def coreset_one(args) -> None:
     import numpy as np
     from anomalib.models.components.sampling import KCenterGreedy
 
@@ -388,6 +406,7 @@ def run_coreset(args) -> dict:
     from aeflow.models import create_model
     from aeflow.models.patchcore import CORESET_BLOCK, greedy_coreset
 
+    torch.set_num_threads(args.threads)
     size = 128
     torch.manual_seed(args.bank_seed)  # the embedder's random weights, so the bank does not depend on earlier parts
     embedder = create_model("patchcore", backbone=BACKBONE, pretrained=False).eval()
@@ -401,30 +420,30 @@ def run_coreset(args) -> dict:
             parts.append(embedder.embed(images).permute(0, 2, 3, 1).flatten(0, 2))
     bank = torch.cat(parts)[: args.bank].contiguous()
     k = int(len(bank) * CORESET_RATIO)
-    print(f"  coreset: bank {tuple(bank.shape)}, selecting {k}", flush=True)
-
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    with quiet():
-        idx_anomalib = KCenterGreedy(embedding=bank, sampling_ratio=CORESET_RATIO).select_coreset_idxs()
-    t_anomalib = time.perf_counter() - start
-    start = time.perf_counter()
+    print(f"  coreset: bank {tuple(bank.shape)}, selecting {k}, seeds {CORESET_SEEDS}", file=sys.stderr, flush=True)
     block = CORESET_BLOCK  # what PatchCore.fit uses
-    idx_aeflow = greedy_coreset(bank, k, 128, torch.Generator().manual_seed(0), block=block)
-    t_aeflow = time.perf_counter() - start
+    runs = []
+    for seed in CORESET_SEEDS:
+        torch.manual_seed(seed)  # anomalib draws its first centre and its projection from torch's global generator
+        start = time.perf_counter()
+        with quiet(), torch.no_grad():
+            idx_anomalib = KCenterGreedy(embedding=bank, sampling_ratio=CORESET_RATIO).select_coreset_idxs()
+        t_anomalib = time.perf_counter() - start
+        start = time.perf_counter()
+        idx_aeflow = greedy_coreset(bank, k, 128, torch.Generator().manual_seed(seed), block=block)
+        t_aeflow = time.perf_counter() - start
+        runs.append({"seed": seed, "t_anomalib": t_anomalib, "t_aeflow": t_aeflow,
+                     "r_anomalib": coverage_radius(bank, bank[torch.as_tensor(idx_anomalib)]),
+                     "r_aeflow": coverage_radius(bank, bank[idx_aeflow]),
+                     "unique_anomalib": len(set(idx_anomalib)), "unique_aeflow": len(set(idx_aeflow.tolist()))})
+        print(f"    seed {seed}: anomalib {t_anomalib:.1f} s radius {runs[-1]['r_anomalib']:.3f}; aeflow "
+              f"{t_aeflow:.2f} s radius {runs[-1]['r_aeflow']:.3f}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    idx_exact = greedy_coreset(bank, k, 128, torch.Generator().manual_seed(0), block=1)
+    idx_exact = greedy_coreset(bank, k, 128, torch.Generator().manual_seed(CORESET_SEEDS[0]), block=1)
     t_exact = time.perf_counter() - start
-    same = torch.equal(idx_exact, idx_aeflow)
-    r_anomalib = coverage_radius(bank, bank[torch.as_tensor(idx_anomalib)])
-    r_aeflow = coverage_radius(bank, bank[idx_aeflow])
-    result = {"n": len(bank), "dim": bank.shape[1], "k": k, "t_anomalib": t_anomalib, "t_aeflow": t_aeflow,
-              "r_anomalib": r_anomalib, "r_aeflow": r_aeflow, "unique_anomalib": len(set(idx_anomalib)),
-              "unique_aeflow": len(set(idx_aeflow.tolist())), "block": block, "t_exact": t_exact,
-              "same_as_exact": same, "r_exact": coverage_radius(bank, bank[idx_exact])}
-    print(f"    anomalib {t_anomalib:.1f} s radius {r_anomalib:.3f}; aeflow {t_aeflow:.1f} s radius {r_aeflow:.3f}",
-          flush=True)
-    return result
+    print(json.dumps({"n": len(bank), "dim": bank.shape[1], "k": k, "block": block, "runs": runs,
+                      "t_exact": t_exact, "r_exact": coverage_radius(bank, bank[idx_exact]),
+                      "env": CORESET_ENV}))
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -480,21 +499,33 @@ def report(args, command: str, load: str, infer_rows, train_rows, memory_rows, c
                          f"{b['peak_mb'] / a['peak_mb']:.2f} | {a['before_mb']:.0f} | {b['before_mb']:.0f} |")
         lines.append("")
     if coreset:
-        c = coreset
+        c, runs = coreset, coreset["runs"]
+
+        def mean(key: str) -> float:
+            return statistics.mean(r[key] for r in runs)
+
+        seeds = ", ".join(str(r["seed"]) for r in runs)
         lines += ["## PatchCore coreset selection (same bank, same ratio)", "",
                   f"Bank: {c['n']} x {c['dim']} ResNet-18 (random weights) layer-2+3 patch features of synthetic "
                   f"phantoms at 128 px; {c['k']} centres (ratio {CORESET_RATIO}). anomalib: KCenterGreedy (sparse "
                   "random projection, eps 0.9); aeflow: greedy_coreset (Gaussian projection to 128 dims, its "
-                  f"default block of up to {c.get('block', 1)} centres per round). Coverage "
-                  "radius: largest distance of a bank point to its nearest centre, in the full space.", "",
+                  f"default block of up to {c['block']} centres per round). Coverage "
+                  "radius: largest distance of a bank point to its nearest centre, in the full space. Seeds "
+                  f"{seeds} (each seed: both libraries' first centre and projection); means over them. Run in a "
+                  f"child process with {' '.join(f'{k}={v}' for k, v in c['env'].items())} (see CORESET_ENV in "
+                  "the script: without it anomalib's selection exhausted this machine's memory).", "",
                   "| | anomalib | aeflow | aeflow / anomalib |", "|---|---|---|---|",
-                  f"| time (s) | {c['t_anomalib']:.2f} | {c['t_aeflow']:.2f} | {c['t_aeflow'] / c['t_anomalib']:.2f} "
-                  f"(speed-up {c['t_anomalib'] / c['t_aeflow']:.1f}x) |",
-                  f"| coverage radius | {c['r_anomalib']:.3f} | {c['r_aeflow']:.3f} | "
-                  f"{c['r_aeflow'] / c['r_anomalib']:.3f} |",
-                  f"| distinct centres | {c['unique_anomalib']} | {c['unique_aeflow']} | |", "",
-                  f"aeflow one centre per round (block 1): {c['t_exact']:.2f} s, coverage radius {c['r_exact']:.3f}; "
-                  f"the same centres as block {c['block']}: {'yes' if c['same_as_exact'] else 'no'}.", ""]
+                  f"| time (s) | {mean('t_anomalib'):.2f} | {mean('t_aeflow'):.2f} | "
+                  f"{mean('t_aeflow') / mean('t_anomalib'):.3f} (speed-up {mean('t_anomalib') / mean('t_aeflow'):.1f}x) |",
+                  f"| coverage radius | {mean('r_anomalib'):.3f} | {mean('r_aeflow'):.3f} | "
+                  f"{mean('r_aeflow') / mean('r_anomalib'):.3f} |",
+                  f"| distinct centres | {min(r['unique_anomalib'] for r in runs)} | "
+                  f"{min(r['unique_aeflow'] for r in runs)} | |", "",
+                  "Per seed (time s / radius): " + "; ".join(
+                      f"seed {r['seed']}: anomalib {r['t_anomalib']:.2f} / {r['r_anomalib']:.3f}, aeflow "
+                      f"{r['t_aeflow']:.2f} / {r['r_aeflow']:.3f}" for r in runs) + ".", "",
+                  f"aeflow one centre per round (block 1), seed {runs[0]['seed']}: {c['t_exact']:.2f} s, coverage "
+                  f"radius {c['r_exact']:.3f}.", ""]
     return "\n".join(lines)
 
 
@@ -518,9 +549,13 @@ def main() -> None:
     parser.add_argument("--parts", default="infer,train,memory,coreset")
     parser.add_argument("--out", default="docs/results/vs_anomalib.md")
     parser.add_argument("--memory-one", help=argparse.SUPPRESS)
+    parser.add_argument("--coreset-one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_one:
         memory_one(args)
+        return
+    if args.coreset_one:
+        coreset_one(args)
         return
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
