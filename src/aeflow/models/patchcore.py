@@ -91,13 +91,26 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int | None
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1):
-    """Distances (Q x k) and indices (Q x k) of the k nearest bank rows of each query row, in bounded memory."""
+    """Distances (Q x k) and indices (Q x k) of the k nearest bank rows of each query row, in bounded memory.
+
+    |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b), and only the bracket decides which b are nearest: it is one matrix product
+    of [q, 1] with [-2 b, |b|^2] per chunk (no pass over the Q x N matrix besides the product and the min / top-k);
+    |q|^2 is added, and the result clamped and square-rooted, for the k kept per query only. With k = 1 a min
+    replaces the top-k. On AE-FLOW's memory at 64 px (2048 queries x 4.5k bank rows, 1 thread) torch.cdist + topk
+    took 84 ms of a 300 ms predict; predict now runs 1.20x as fast (PatchCore 1.06x), the same scores
+    (benchmarks/nearest_neighbours.py).
+    """
     chunk = max(1, CDIST_CHUNK_ELEMENTS // len(bank))
+    augmented_bank = torch.cat([-2 * bank, (bank * bank).sum(1, keepdim=True)], dim=1).T
     distances, indices = [], []
     for start in range(0, len(queries), chunk):
-        d = torch.cdist(queries[start : start + chunk], bank)
-        values, index = d.topk(k, dim=1, largest=False)
-        distances.append(values)
+        q = queries[start : start + chunk]
+        partial = torch.cat([q, torch.ones_like(q[:, :1])], dim=1) @ augmented_bank  # |b|^2 - 2 q.b
+        if k == 1:
+            values, index = partial.min(dim=1, keepdim=True)
+        else:
+            values, index = partial.topk(k, dim=1, largest=False)
+        distances.append(values.add_((q * q).sum(1, keepdim=True)).clamp_min_(0).sqrt_())
         indices.append(index)
     return torch.cat(distances), torch.cat(indices)
 
