@@ -3,9 +3,10 @@
 The bound: image AUROC >= 0.7 on 20 normal vs 20 anomalous test images. Under the null (scores unrelated to the
 label) AUROC for 20 vs 20 has mean 0.5 and standard deviation sqrt((n0 + n1 + 1) / (12 n0 n1)) = 0.092, so 0.7 is
 more than two standard deviations above chance: a model that learned nothing fails it about 1.5% of the time, and the
-fixed seeds make each run deterministic. A method whose true image AUROC at a test budget is only ~0.75-0.85 (DRAEM
-here, DifferNet in test_cflow_differnet) is tested on 50 vs 50 images instead, where the sampling spread of the
-statistic is smaller (null sd 0.058, so 0.7 is 3.4 sd above chance). Pixel AUROC on the lesion masks is checked too.
+fixed seeds make each run deterministic (on one machine: another CPU's floating-point path trains a different
+model). A method whose true image AUROC at a test budget is only ~0.7-0.85 (DRAEM and the three autoencoders here,
+DifferNet in test_cflow_differnet) is tested on 50 vs 50 images instead, where the sampling spread of the
+statistic is smaller (null sd 0.058: 0.7 is 3.4 sd above chance, 0.65 is 2.6 sd). Pixel AUROC on the lesion masks is checked too.
 The lesion phantoms are the built-in synthetic data set at difficulty 0 (largest, clearest lesions):
 these tests check that each method works, they are not a benchmark.
 """
@@ -94,15 +95,20 @@ def auroc(labels: torch.Tensor, scores: torch.Tensor) -> float:
 slow = pytest.mark.slow
 # (name, constructor kwargs, image size, Adam steps, learning rate, image AUROC bound, test images per class).
 # Backbone methods use EfficientNet-Lite0, whose real ImageNet weights ship in a pip package (offline); sizes are the
-# smallest at which each method's feature stride still resolves the lesions. Steps: the fewest that cleared the bound
-# with a margin (AE 0.80-0.83, VAE 0.75-0.80, ceVAE 0.77-0.82 over three seeds).
+# smallest at which each method's feature stride still resolves the lesions. The three autoencoders (top-k residual
+# score) are judged on 50 vs 50 test images against 0.65, 2.6 null sd above chance: with 300 steps and 20 vs 20 they
+# had passed 0.7 on one machine (0.80-0.83), while on a 2-core AMD EPYC, 50 vs 50, seeds 0 / 1 / 2 gave AE 0.697 /
+# 0.740 / 0.679 and VAE 0.736 / 0.703 / 0.688 (AE 0.713 on the 20 vs 20 of the test): their true AUROC at that
+# budget is ~0.70, on the bound. With 600 steps, same machine and images: AE 0.744 / 0.720 / 0.701, VAE 0.749 /
+# 0.753 / 0.771, ceVAE 0.776 / 0.742 / 0.743 (pixel AUROC 0.90-0.98).
+AE_STEPS, AE_BOUND, AE_TEST = 600, 0.65, 50
 METHODS = [
-    pytest.param("ae", dict(widths=(16, 32, 64), latent_channels=4, blur_sigma=1.0), 32, 300, 5e-3, 0.7, N_TEST,
-                 id="ae", marks=slow),
-    pytest.param("vae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, 300, 5e-3, 0.7, N_TEST,
-                 id="vae", marks=slow),
-    pytest.param("cevae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, 300, 5e-3, 0.7, N_TEST,
-                 id="cevae", marks=slow),
+    pytest.param("ae", dict(widths=(16, 32, 64), latent_channels=4, blur_sigma=1.0), 32, AE_STEPS, 5e-3, AE_BOUND,
+                 AE_TEST, id="ae", marks=slow),
+    pytest.param("vae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, AE_STEPS, 5e-3, AE_BOUND,
+                 AE_TEST, id="vae", marks=slow),
+    pytest.param("cevae", dict(widths=(16, 32, 64), latent_channels=8, blur_sigma=1.0), 32, AE_STEPS, 5e-3, AE_BOUND,
+                 AE_TEST, id="cevae", marks=slow),
     pytest.param("padim", dict(backbone="efficientnet_lite0", n_features=100), 64, 0, 0.0, 0.7, N_TEST, id="padim"),
     pytest.param("patchcore", dict(backbone="efficientnet_lite0", coreset_ratio=0.1), 128, 0, 0.0, 0.7, N_TEST,
                  id="patchcore"),
