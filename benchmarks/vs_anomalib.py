@@ -29,7 +29,7 @@ What is compared (each pair built once, then timed in interleaved rounds, median
 - PatchCore's coreset: anomalib's KCenterGreedy against aeflow.models.patchcore.greedy_coreset on the SAME bank of
   ResNet-18 (random weights) layer-2+3 patch features of synthetic phantoms, the same ratio and coreset size; time
   of each and the coverage radius (largest distance of a bank point to its nearest selected centre) in the full
-  feature space.
+  feature space, over three seeds; both run in one child process with a fixed glibc mmap threshold (CORESET_ENV).
 - GFLOP/img: FLOPs of one batch-1 inference, counted by torch's dispatcher (matmuls and convolutions), so that a
   ratio can be read against the work each model does.
 """
@@ -382,9 +382,9 @@ def coverage_radius(bank: torch.Tensor, centres: torch.Tensor, chunk: int = 4096
 
 CORESET_SEEDS = (0, 1, 2)
 # glibc's allocator, left to itself, grew anomalib 2.7's KCenterGreedy (torch 2.14.1, CPU) by one 20000 x 244 float
-# buffer per centre (about 0.46 GB/s here; the process was killed past 24 GB, at a few hundred of the 2000 centres):
-# each step's `features - center` lands in a fresh piece of the heap. A fixed mmap threshold gives such buffers back
-# at every free, and the resident memory stays flat (1.1 GB). The selection runs in a child process that has it,
+# buffer per centre (about 0.46 GB/s here; the process was killed past 24 GB, before its 2000 centres were chosen):
+# each step's `features - center` seems to land in a fresh piece of the heap. A fixed mmap threshold gives such
+# buffers back at every free, and the resident memory stays flat (1.1 GB). The selection runs in a child process that has it,
 # both libraries in the same child, so the setting applies to both sides alike.
 CORESET_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
@@ -516,7 +516,8 @@ def report(args, command: str, load: str, infer_rows, train_rows, memory_rows, c
                   "the script: without it anomalib's selection exhausted this machine's memory).", "",
                   "| | anomalib | aeflow | aeflow / anomalib |", "|---|---|---|---|",
                   f"| time (s) | {mean('t_anomalib'):.2f} | {mean('t_aeflow'):.2f} | "
-                  f"{mean('t_aeflow') / mean('t_anomalib'):.3f} (speed-up {mean('t_anomalib') / mean('t_aeflow'):.1f}x) |",
+                  f"{mean('t_aeflow') / mean('t_anomalib'):.3f} "
+                  f"(speed-up {mean('t_anomalib') / mean('t_aeflow'):.1f}x) |",
                   f"| coverage radius | {mean('r_anomalib'):.3f} | {mean('r_aeflow'):.3f} | "
                   f"{mean('r_aeflow') / mean('r_anomalib'):.3f} |",
                   f"| distinct centres | {min(r['unique_anomalib'] for r in runs)} | "
