@@ -384,8 +384,8 @@ CORESET_SEEDS = (0, 1, 2)
 # glibc's allocator, left to itself, grew anomalib 2.7's KCenterGreedy (torch 2.14.1, CPU) by one 20000 x 244 float
 # buffer per centre (about 0.46 GB/s here; the process was killed past 24 GB, before its 2000 centres were chosen):
 # each step's `features - center` seems to land in a fresh piece of the heap. A fixed mmap threshold gives such
-# buffers back at every free, and the resident memory stays flat (1.1 GB). The selection runs in a child process that has it,
-# both libraries in the same child, so the setting applies to both sides alike.
+# buffers back at every free, and the resident memory stays flat (1.1 GB). The selection runs in a child process
+# that has it, both libraries in the same child, so the setting applies to both sides alike.
 CORESET_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 

@@ -6,7 +6,8 @@ more than two standard deviations above chance: a model that learned nothing fai
 fixed seeds make each run deterministic (on one machine: another CPU's floating-point path trains a different
 model). A method whose true image AUROC at a test budget is only ~0.7-0.85 (DRAEM and the three autoencoders here,
 DifferNet in test_cflow_differnet) is tested on 50 vs 50 images instead, where the sampling spread of the
-statistic is smaller (null sd 0.058: 0.7 is 3.4 sd above chance, 0.65 is 2.6 sd). Pixel AUROC on the lesion masks is checked too.
+statistic is smaller (null sd 0.058: 0.7 is 3.4 sd above chance, 0.65 is 2.6 sd). Pixel AUROC on the lesion masks
+is checked too.
 The lesion phantoms are the built-in synthetic data set at difficulty 0 (largest, clearest lesions):
 these tests check that each method works, they are not a benchmark.
 """
