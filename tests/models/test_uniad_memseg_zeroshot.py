@@ -10,9 +10,10 @@ trains on cached features); its bound 0.65 is 2.6 sd above chance. MemSeg (decod
 0.693 / 0.664 / 0.653 for seeds 0 / 1 / 2 (pixel 0.928 / 0.876 / 0.850) on a 2-core AMD EPYC; its bound 0.62 is 2.1
 sd above chance, so a model that learned nothing passes it about 2% of the time. The seeds are fixed, but the
 floating-point path differs between CPUs (a 0.648 on one machine was 0.597 on another with width 8 and 150 steps,
-seeds 1 / 2 there 0.622 / 0.490), so the set-up is the one whose worst seed clears the bound. Pixel AUROC is taken over the ~200k pixels of the lesion images, where chance
-has a negligible spread, so 0.75 is far from it. Shuffled or constant scores fail the bounds. Measured on a shared
-2-core Xeon with other jobs running (torch 2.13.0+cpu): ~5 and ~3.5 minutes there, well under a minute alone.
+seeds 1 / 2 there 0.622 / 0.490), so the set-up is the one whose worst seed clears the bound. Pixel AUROC is taken
+over the ~200k pixels of the lesion images, where chance has a negligible spread, so 0.75 is far from it. Shuffled
+or constant scores fail the bounds. Measured on a shared 2-core Xeon with other jobs running (torch 2.13.0+cpu):
+~5 and ~3.5 minutes there, well under a minute alone.
 """
 
 from __future__ import annotations

@@ -96,9 +96,8 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1):
     |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b), and only the bracket decides which b are nearest: it is one matrix product
     of [q, 1] with [-2 b, |b|^2] per chunk (no pass over the Q x N matrix besides the product and the min / top-k);
     |q|^2 is added, and the result clamped and square-rooted, for the k kept per query only. With k = 1 a min
-    replaces the top-k. On AE-FLOW's memory at 64 px (2048 queries x 4.5k bank rows, 1 thread) torch.cdist + topk
-    took 84 ms of a 300 ms predict; predict now runs 1.20x as fast (PatchCore 1.06x), the same scores
-    (benchmarks/nearest_neighbours.py).
+    replaces the top-k. Against torch.cdist + topk: AE-FLOW's memory predict 1.11-1.20x as fast at 64 px, PatchCore
+    1.06-1.36x, over three runs of benchmarks/nearest_neighbours.py; the same scores.
     """
     chunk = max(1, CDIST_CHUNK_ELEMENTS // len(bank))
     augmented_bank = torch.cat([-2 * bank, (bank * bank).sum(1, keepdim=True)], dim=1).T
