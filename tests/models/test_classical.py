@@ -204,3 +204,18 @@ def test_invalid_options_are_refused_at_construction():
         create_model("knn", backbone="resnet18", pretrained=False, metric="manhattan")
     with pytest.raises(ConfigError, match="pixel_level"):
         create_model("knn", backbone="resnet18", pretrained=False, score="pixel", pixel_level=False)
+
+
+def test_knn_exports_to_onnx_at_any_batch_size(tmp_path):
+    """The exported graph scores batches of one and of three as PyTorch does (SPADE's per-image gallery search
+    must not be unrolled at the traced batch size)."""
+    pytest.importorskip("onnxruntime")
+    from aeflow.backends import onnx_bytes
+    from aeflow.serving.export import OUTPUTS, OnnxScorer, _ScoringGraph, check_parity
+
+    images = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    knn = train(create_model("knn", backbone="resnet18", pretrained=False, pixel_images=2), images, steps=0, lr=0.0)
+    graph = _ScoringGraph(knn).eval()
+    path = tmp_path / "knn.onnx"
+    path.write_bytes(onnx_bytes(graph, (1, 32, 32), list(OUTPUTS)))
+    assert check_parity(graph, OnnxScorer(path), (1, 32, 32)) <= 1e-4

@@ -109,14 +109,21 @@ class KNN(AnomalyModel):
 
     def patch_distances(self, patches: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """B x P distance of every test patch (B x P x D') to the nearest patch of its own gallery, the patch
-        features of its nearest training images (indices B x K), in bounded memory."""
-        out = []
-        for query, index in zip(patches, nearest):
-            gallery = self.patch_bank[index].flatten(0, 1)
-            chunk = max(1, DISTANCE_CHUNK_ELEMENTS // len(gallery))
-            out.append(torch.cat([torch.cdist(query[i : i + chunk], gallery).amin(1)
-                                  for i in range(0, len(query), chunk)]))
-        return torch.stack(out)
+        features of its nearest training images (indices B x K), in bounded memory: one image's gallery at a
+        time. While traced for export (aeflow.backends) the batch is done at once instead, so that the graph
+        takes any batch size (a loop over the batch would be unrolled at the traced size); same distances."""
+        if torch.jit.is_tracing():
+            return self._gallery_distances(patches, self.patch_bank[nearest].flatten(1, 2))
+        return torch.cat([self._gallery_distances(query[None], self.patch_bank[index].flatten(0, 1)[None])
+                          for query, index in zip(patches, nearest)])
+
+    @staticmethod
+    def _gallery_distances(queries: torch.Tensor, galleries: torch.Tensor) -> torch.Tensor:
+        """B x P nearest distances of queries (B x P x D') in galleries (B x G x D'), P in chunks that hold at
+        most DISTANCE_CHUNK_ELEMENTS distances."""
+        chunk = max(1, DISTANCE_CHUNK_ELEMENTS // (galleries.shape[0] * galleries.shape[1]))
+        return torch.cat([torch.cdist(queries[:, i : i + chunk], galleries).amin(2)
+                          for i in range(0, queries.shape[1], chunk)], 1)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
