@@ -96,8 +96,13 @@ def run_one(args, k: int, seed: int) -> dict:
            **{f"AUROC_{c.removeprefix('score_')}": metrics[f"component/{c}/image_AUROC"]
               for c in COMPONENTS if c in test},
            "n_test": int(len(test["label"])), "n_test_anomalous": int(test["label"].sum())}
-    if hasattr(model, "blend_weights") and "gamma" in model.blend_weights():
-        row["gamma"] = model.blend_weights()["gamma"]
+    for key in ("gamma", "posterior_image_weight"):  # chosen on validation (aeflow_gmm's docstring)
+        if key in getattr(model, "blend_weights", dict)():
+            row[key] = model.blend_weights()[key]
+    if 0 < val["label"].sum() < len(val["label"]):
+        from sklearn.metrics import roc_auc_score
+
+        row["val_image_AUROC"] = float(roc_auc_score(val["label"], val["pred_score"]))
     for key, name in (("anomaly_map", "pixel_AUROC"), ("map_posterior", "pixel_AUROC_posterior")):
         if key in test:
             row[name] = pixel_metrics(test[key], test["mask"])["pixel_AUROC"]
@@ -116,7 +121,7 @@ def model_of(row: dict) -> str:
 
 
 KEYS = ["image_AUROC", "image_F1", "AUROC_position", "AUROC_flow_nll", "AUROC_recon", "AUROC_posterior",
-        "AUROC_posterior_latent", "AUROC_posterior_image", "gamma",
+        "AUROC_posterior_latent", "AUROC_posterior_image", "gamma", "posterior_image_weight", "val_image_AUROC",
         "pixel_AUROC", "pixel_AUROC_posterior", "type_accuracy"]
 
 

@@ -78,7 +78,7 @@ def test_without_labelled_anomalies_it_is_aeflow(stages):
     missing, unexpected = gmm.load_state_dict(aeflow.state_dict(), strict=False)
     own = {"anomaly_mean", "anomaly_var", "anomaly_fraction", "gamma", "semi_supervised", "posterior_mean",
            "posterior_std", "reference_posterior", "image_posterior", "image_normal_mean", "image_anomaly_mean",
-           "image_type_seen", "image_precision", "image_posterior_mean", "image_posterior_std"}
+           "image_type_seen", "image_precision", "image_posterior_mean", "image_posterior_std", "image_weight"}
     per_stage = {f"reference_{kind}{i}" for i in range(len(stages))
                  for kind in ("anomaly_mean", "anomaly_var", "anomaly_fraction", "whitener")}
     assert not unexpected and set(missing) == own | per_stage
@@ -228,11 +228,13 @@ def test_gamma_is_chosen_on_the_validation_labels_it_is_given():
     gen = torch.Generator().manual_seed(0)
     labels = torch.tensor([0] * 40 + [1] * 40)
 
-    def collected(labels_given):
+    def collected(labels_given, image_shift=None, position_shift=2.0):
         c = model.calibration_set()
         parts = {name: torch.randn(80, generator=gen) - 2 * labels for name in model.components}
         parts.update(map_residual=torch.rand(80, 4, 4, generator=gen), map_flow=torch.rand(80, 4, 4, generator=gen))
-        parts["score_posterior"] = torch.randn(80, generator=gen) + 2 * labels
+        parts["score_posterior"] = torch.randn(80, generator=gen) + position_shift * labels
+        if image_shift is not None:
+            parts["score_posterior_image"] = torch.randn(80, generator=gen) + image_shift * labels
         c.add(parts, labels_given)
         return c
 
@@ -244,6 +246,23 @@ def test_gamma_is_chosen_on_the_validation_labels_it_is_given():
     fixed.semi_supervised.fill_(True)
     fixed.fit_calibration(collected(labels))
     assert fixed.blend_weights()["gamma"] == 0.25
+
+    # With the image-level component the pair (gamma, a) is validated: an image-level posterior that ranks
+    # validation upside down takes a to 0 (per-position posterior only); the other way round, a goes to 1;
+    # shuffled labels keep the label-free pair.
+    model.image_posterior.fill_(True)
+    model.fit_calibration(collected(labels, image_shift=-3.0))
+    assert (model.blend_weights()["posterior_image_weight"], model.blend_weights()["gamma"]) == (0.0, 1.0)
+    model.fit_calibration(collected(labels, image_shift=2.0, position_shift=-3.0))
+    assert (model.blend_weights()["posterior_image_weight"], model.blend_weights()["gamma"]) == (1.0, 1.0)
+    model.fit_calibration(collected(labels[torch.randperm(80, generator=gen)], image_shift=2.0))
+    assert (model.blend_weights()["posterior_image_weight"], model.blend_weights()["gamma"]) == (0.5, 0.5)
+    # the kept pair is the one the image score uses
+    parts = {"score_posterior": torch.tensor([1.0]), "score_posterior_image": torch.tensor([3.0])}
+    model.image_weight.fill_(0.25)
+    expected = 0.75 * (1.0 - model.posterior_mean) / model.posterior_std + 0.25 * (
+        3.0 - model.image_posterior_mean) / model.image_posterior_std
+    torch.testing.assert_close(model._supervised(parts), expected.reshape(1))
 
 
 def test_options_are_checked():

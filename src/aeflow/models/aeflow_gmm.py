@@ -70,12 +70,13 @@ Choices, and why (numbers: docs/semi_supervised.md):
   0.951 (K = 5 / 20 / 100), the tiles' at 0.959 / 0.975 (K = 5 / 20); with it the image score rose from 0.923 /
   0.920 / 0.916 to 0.928 / 0.932 / 0.930 on PneumoniaMNIST and from 0.964 / 0.964 to 0.968 / 0.971 on the tiles.
 - Image score: gamma * z(posterior part) + (1 - gamma) * AE-FLOW's image score, z() standardising on normal
-  validation images (`calibrate`) as AE-FLOW's blend does. gamma = "validated" (the default) chooses it on the
-  validation split when that holds labelled anomalies (at least MIN_VALIDATION_PER_CLASS of each class): the
-  gamma of the grid 0, 0.05, ..., 1 with the highest validation AUROC, kept only when it beats the label-free
-  gamma = 0.5 by more than one standard error of that AUROC (AE-FLOW's rule for its own blend). Without labelled
-  validation anomalies gamma = 0.5: two standardised scores, one learnt from the labels and one from the
-  normals, weighed equally. Why not a fixed 1 (posterior only, the first default): on PneumoniaMNIST's
+  validation images (`calibrate`) as AE-FLOW's blend does; with the image-level component the posterior part is
+  (1 - a) z(per-position posterior) + a z(image-level posterior). gamma = "validated" (the default) chooses gamma
+  and a together on the validation split when that holds labelled anomalies (at least MIN_VALIDATION_PER_CLASS of
+  each class): the pair of the grid gamma in 0, 0.05, ..., 1 by a in 0, 0.25, ..., 1 with the highest validation
+  AUROC, kept only when it beats the label-free pair (0.5, 0.5) by more than one standard error of that AUROC
+  (AE-FLOW's rule for its own blend). Without labelled validation anomalies gamma = a = 0.5: standardised
+  scores, one learnt from the labels and one from the normals, weighed equally, and so are the two posteriors. Why not a fixed 1 (posterior only, the first default): on PneumoniaMNIST's
   validation split gamma = 1 ranked best at K = 20 but worst at K = 5, where AE-FLOW's own score was best
   (docs/semi_supervised.md). The chosen gamma is in `blend_weights()` and so in the run's metrics.json.
 - Maps: `map_mode="posterior"` makes the per-position posterior that a position is abnormal
@@ -103,9 +104,12 @@ from aeflow.models.base import MIN_VALIDATION_PER_CLASS, register
 from aeflow.nn.blocks import adopt_buffer_shapes, gaussian_blur
 from aeflow.nn.flow import bits_per_dim, standard_normal_log_prob
 
-#: gamma without labelled validation anomalies, and the one a validated gamma must beat (module docstring).
+#: gamma and the image-level posterior's weight a without labelled validation anomalies, the pair a validated
+#: pair must beat, and the grids they are validated on (module docstring).
 LABEL_FREE_GAMMA = 0.5
 GAMMA_GRID = tuple(i / 20 for i in range(21))
+LABEL_FREE_IMAGE_WEIGHT = 0.5
+IMAGE_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 POSTERIOR_SPACES = ("reference", "latent")
 #: EM iterations of the reference-space components, full batch over the labelled anomalies (converged before:
 #: tests/models/test_aeflow_gmm.py checks that 2x as many steps move the components by less than 1e-4).
@@ -120,7 +124,8 @@ class AEFlowGMM(AEFlow):
     takes every AEFlow option, plus:
 
     gamma: weight of the standardised posterior log-odds in the image score (1 = posterior only), or
-        "validated" (chosen on the validation split; see the module docstring).
+        "validated" (chosen on the validation split together with the image-level posterior's weight; see the
+        module docstring). A fixed gamma keeps that weight at its label-free 0.5.
     anomaly_types: the anomaly types of the labelled images, one mixture component each (None: one component for
         every labelled anomaly). Training fills it from the labelled images when it is not given.
     map_mode: AE-FLOW's map modes, or "posterior" (`map_posterior`).
@@ -210,6 +215,7 @@ class AEFlowGMM(AEFlow):
         self.register_buffer("image_precision", torch.zeros(pooled, pooled))
         self.register_buffer("image_posterior_mean", torch.zeros(()))
         self.register_buffer("image_posterior_std", torch.ones(()))
+        self.register_buffer("image_weight", torch.tensor(LABEL_FREE_IMAGE_WEIGHT))
 
     # Prior ----------------------------------------------------------------------------------------------
 
@@ -463,13 +469,18 @@ class AEFlowGMM(AEFlow):
             return score
         return self.gamma * self._supervised(parts) + (1 - self.gamma) * score
 
-    def _supervised(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The standardised posterior log-odds; with the image-level component, the mean of its and the
-        per-position one's."""
+    def _supervised(self, parts: dict[str, torch.Tensor], image_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The standardised posterior log-odds; with the image-level component, (1 - a) times the per-position
+        one's plus a times its own (a = `image_weight`, the model's unless given: a scalar, or a row of candidates
+        that gives one column each)."""
         z = (parts["score_posterior"] - self.posterior_mean) / self.posterior_std
         if "score_posterior_image" not in parts:
             return z
-        return 0.5 * z + 0.5 * (parts["score_posterior_image"] - self.image_posterior_mean) / self.image_posterior_std
+        a = self.image_weight if image_weight is None else image_weight
+        z_image = (parts["score_posterior_image"] - self.image_posterior_mean) / self.image_posterior_std
+        if a.ndim:
+            z, z_image = z[:, None], z_image[:, None]
+        return (1 - a) * z + a * z_image
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -481,7 +492,8 @@ class AEFlowGMM(AEFlow):
     @torch.no_grad()
     def fit_calibration(self, collected: CalibrationSet) -> None:
         """AE-FLOW's calibration, plus the mean and std of `score_posterior` over the same normal images and,
-        with gamma="validated" and labelled validation anomalies, gamma (see the module docstring)."""
+        with gamma="validated" and labelled validation anomalies, gamma and the image-level posterior's weight
+        (see the module docstring)."""
         super().fit_calibration(collected)
         if not bool(self.semi_supervised):
             return
@@ -497,24 +509,34 @@ class AEFlowGMM(AEFlow):
         if not self.validated_gamma:
             return
         self.gamma.fill_(LABEL_FREE_GAMMA)
+        self.image_weight.fill_(LABEL_FREE_IMAGE_WEIGHT)
         if min(int((~anomalous).sum()), int(anomalous.sum())) < MIN_VALIDATION_PER_CLASS:
             return
+        weights = IMAGE_WEIGHT_GRID if len(image) else (LABEL_FREE_IMAGE_WEIGHT,)
         z_posterior = self._supervised({"score_posterior": posterior,
-                                        **({"score_posterior_image": image} if len(image) else {})}).double()
+                                        **({"score_posterior_image": image} if len(image) else {})},
+                                       torch.tensor(weights)).double().reshape(len(labels), len(weights))
         aeflow_score = AEFlow.blend(self, {name: collected.component(name) for name in self.components}).double()
         grid = torch.tensor(GAMMA_GRID, dtype=torch.float64)
-        aurocs = _aurocs(z_posterior[:, None] * grid + aeflow_score[:, None] * (1 - grid), anomalous)
-        label_free = float(aurocs[GAMMA_GRID.index(LABEL_FREE_GAMMA)])
+        # candidates: column (a, gamma), a-major
+        blends = z_posterior[:, :, None] * grid + aeflow_score[:, None, None] * (1 - grid)
+        aurocs = _aurocs(blends.flatten(1), anomalous)
+        label_free = float(aurocs[weights.index(LABEL_FREE_IMAGE_WEIGHT) * len(grid)
+                                  + GAMMA_GRID.index(LABEL_FREE_GAMMA)])
         i = int(aurocs.argmax())
         if float(aurocs[i]) > label_free + _auroc_standard_error(label_free, int(anomalous.sum()),
                                                                  int((~anomalous).sum())):
-            self.gamma.fill_(GAMMA_GRID[i])
+            self.image_weight.fill_(weights[i // len(grid)])
+            self.gamma.fill_(GAMMA_GRID[i % len(grid)])
 
     def blend_weights(self) -> dict[str, float]:
-        """AE-FLOW's blend weights (its part of the score) and, once trained with labels, gamma."""
+        """AE-FLOW's blend weights (its part of the score) and, once trained with labels, gamma and (with the
+        image-level component) the image-level posterior's weight in the posterior part."""
         weights = super().blend_weights()
         if bool(self.semi_supervised):
             weights["gamma"] = float(self.gamma)
+            if bool(self.image_posterior):
+                weights["posterior_image_weight"] = float(self.image_weight)
         return weights
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
