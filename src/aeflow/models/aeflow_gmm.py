@@ -65,7 +65,7 @@ Choices, and why (numbers: docs/semi_supervised.md):
   scored by linear discriminant analysis: N(g; m_t, S) per labelled type against N(g; m_normal, S), m_normal and S
   from up to IMAGE_NORMALS normal training images (Ledoit-Wolf shrinkage), m_t from the labelled images of type
   t; one shared covariance, because K labelled images cannot estimate their own. `score_posterior_image` is its
-  log-odds; the posterior part of the image score is the mean of its and the per-position posterior's z-scores.
+  log-odds; the posterior part of the image score weighs its and the per-position posterior's z-scores (next point).
   Measured (docs/semi_supervised.md, 3 seeds): on its own it ranks PneumoniaMNIST's test split at 0.898 / 0.948 /
   0.951 (K = 5 / 20 / 100), the tiles' at 0.959 / 0.975 (K = 5 / 20); with it the image score rose from 0.923 /
   0.920 / 0.916 to 0.928 / 0.932 / 0.930 on PneumoniaMNIST and from 0.964 / 0.964 to 0.968 / 0.971 on the tiles.
