@@ -96,9 +96,8 @@ def run_one(args, k: int, seed: int) -> dict:
            **{f"AUROC_{c.removeprefix('score_')}": metrics[f"component/{c}/image_AUROC"]
               for c in COMPONENTS if c in test},
            "n_test": int(len(test["label"])), "n_test_anomalous": int(test["label"].sum())}
-    for key in ("gamma", "posterior_image_weight"):  # chosen on validation (aeflow_gmm's docstring)
-        if key in getattr(model, "blend_weights", dict)():
-            row[key] = model.blend_weights()[key]
+    weights = getattr(model, "blend_weights", dict)()  # chosen on validation (aeflow_gmm's docstring)
+    row.update({key: weights[key] for key in ("gamma", "posterior_image_weight") if key in weights})
     if 0 < val["label"].sum() < len(val["label"]):
         from sklearn.metrics import roc_auc_score
 
