@@ -151,7 +151,7 @@ def test_presets_and_options():
 
 def test_curves_survive_two_resumes(tmp_path):
     """A crash during a resumed fit: the next resume still finds the first part of the curves."""
-    from aeflow.training.run import _Curves
+    from aeflow.training.curves import Curves
 
     def write(epochs):
         with open(tmp_path / "metrics.csv", "w", newline="") as f:
@@ -159,7 +159,7 @@ def test_curves_survive_two_resumes(tmp_path):
             writer.writeheader()
             writer.writerows({"epoch": e, "val_loss": 1.0 / (e + 1)} for e in epochs)
 
-    curves = _Curves(tmp_path)
+    curves = Curves(tmp_path)
     write([0, 1, 2])  # killed during epoch 2 (its row stands for a partial epoch's log)
     curves.set_aside(epochs_done=2)
     write([2, 3])  # the resumed fit, killed again during epoch 3
@@ -169,6 +169,33 @@ def test_curves_survive_two_resumes(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2, 3, 4]
     assert not (tmp_path / "metrics.before_resume.csv").exists()
+
+
+def test_curves_file_is_whole_when_a_save_is_killed(tmp_path, monkeypatch):
+    """A save that grows the columns rewrites the file: killed in the middle, the previous rows must still be there
+    (lightning's own writer truncates the file in place first, and a kill there lost the first epoch's rows)."""
+    from aeflow.training.curves import CurvesLogger
+
+    logger = CurvesLogger(tmp_path)
+    logger.log_metrics({"train_loss_step": 1.0, "epoch": 0}, step=0)
+    logger.log_metrics({"val_loss": 0.5, "epoch": 0}, step=5)
+    logger.save()
+    path = tmp_path / "curves" / "metrics.csv"
+    before = path.read_text()
+    logger.log_metrics({"train_loss_epoch": 0.9, "epoch": 0}, step=5)  # a new column: the whole file is written
+
+    def killed(self, rows):
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    monkeypatch.undo()
+    assert path.read_text() == before
+    logger.save()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["val_loss"], row["train_loss_epoch"]) for row in rows] == [("", ""), ("0.5", ""), ("", "0.9")]
 
 
 def test_kept_epoch_and_blend_weights_never_see_test_labels(tmp_path):

@@ -13,7 +13,8 @@ A run folder holds everything needed to use and to repeat the run:
     model.safetensors      the best weights plus the score calibration, what `load_run` reads
     selection.json         what was chosen on validation data: the criterion, the kept epoch and its value, and
                            the score blend weights of models that fit them (AE-FLOW)
-    curves/metrics.csv     training curves (lightning's CSVLogger); tensorboard/ or mlruns/ with --logger
+    curves/metrics.csv     training curves (aeflow.training.curves, saved atomically); tensorboard/ or mlruns/
+                           with --logger
     train.log              what happened, in words
 
 Several processes (DDP through lightning: `strategy`, `devices`, `num_nodes`; launched by lightning itself, by
@@ -24,7 +25,6 @@ other ranks train and return. `batch_size` is per process, so the global batch i
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
@@ -42,7 +42,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 import aeflow
@@ -54,6 +53,7 @@ from aeflow.training.checkpoint import (SafeCheckpointIO, load_checkpoint, model
                                        save_checkpoint)
 from aeflow.training.distributed import STRATEGIES, ShardSampler, WholeSplitSampler, launched_rank
 from aeflow.training.console import EpochLines, NarrowProgressBar, show_progress_bar
+from aeflow.training.curves import Curves, CurvesLogger
 from aeflow.training.module import AnomalyModule
 from aeflow.training.presets import preset
 from aeflow.training.sampler import LabelledBatchSampler
@@ -237,7 +237,7 @@ def train(config: dict | TrainConfig, run_dir: str | Path, *, data=None, resume:
             elif resume:
                 log.info("resume asked but no checkpoint was written yet: training from the start")
             module = AnomalyModule(model, config.lr, config.weight_decay, val_has_anomalies=val_has_anomalies)
-            curves = _Curves(run_dir / "curves")
+            curves = Curves(run_dir / "curves")
             if ckpt_path is not None and writer:
                 curves.set_aside(epochs_done=state["epoch"] + 1)
             with _quiet_lightning():
@@ -473,7 +473,7 @@ def _check_logger_installed(logger: str) -> None:
 
 def _loggers(config: TrainConfig, run_dir: Path) -> list:
     """The CSV curves always (reports and resume read them), plus the experiment logger asked for."""
-    loggers: list = [CSVLogger(run_dir, name="", version="curves")]
+    loggers: list = [CurvesLogger(run_dir)]
     if config.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -492,49 +492,6 @@ def _loggers(config: TrainConfig, run_dir: Path) -> list:
             raise ConfigError(f"--logger mlflow needs the mlflow package ({exc}): pip install mlflow-skinny "
                               f"(it logs to a local file store, run_dir/mlruns)") from None
     return loggers
-
-
-class _Curves:
-    """Keeps the training curves of a resumed run whole.
-
-    Lightning's CSVLogger deletes `metrics.csv` when it starts in a folder that has one, which on `--resume` would
-    lose the epochs trained before the crash. So before a resumed fit the old rows of finished epochs are moved
-    to `metrics.before_resume.csv` (appended there, so a run resumed twice keeps both parts; rows of the epoch
-    that was cut short are dropped, as it is trained again), and after the fit they are put back in front of the
-    new rows. A crash during the resumed fit leaves them in the side file, where the next resume finds them.
-    """
-
-    def __init__(self, folder: Path):
-        self.current, self.before = folder / "metrics.csv", folder / "metrics.before_resume.csv"
-
-    def set_aside(self, epochs_done: int) -> None:
-        rows = self._read(self.before) + [r for r in self._read(self.current)
-                                          if r.get("epoch", "") != "" and int(float(r["epoch"])) < epochs_done]
-        if rows:
-            self._write(self.before, rows)
-        self.current.unlink(missing_ok=True)
-
-    def merge(self) -> None:
-        if self.before.exists():
-            self._write(self.current, self._read(self.before) + self._read(self.current))
-            self.before.unlink()
-
-    @staticmethod
-    def _read(path: Path) -> list[dict[str, str]]:
-        if not path.exists():
-            return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-
-    @staticmethod
-    def _write(path: Path, rows: list[dict[str, str]]) -> None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
 
 
 class _SafeModelCheckpoint(ModelCheckpoint):
@@ -621,7 +578,7 @@ def _jsonable(value: Any) -> Any:
 
 # Lightning messages that say nothing about the run: an advertisement, a deprecation inside lightning itself, the
 # note that frozen modules (our pretrained backbones, by design) are in eval mode, and, on resume, that the curves
-# and checkpoint folders are not empty (`_Curves` keeps the old curves; the checkpoints are meant to be there).
+# and checkpoint folders are not empty (`Curves` keeps the old curves; the checkpoints are meant to be there).
 _LIGHTNING_NOISE = ("Tip: For seamless cloud logging", "LeafSpec)` is deprecated", "module(s) in eval mode",
                     "exists and is not empty")
 
