@@ -303,33 +303,14 @@ def demo(
 
 
 @app.command("models")
-def list_models():
+def list_models(name: Optional[str] = typer.Argument(None, help="One model, described in full.")):
     """List the registered models: a line each with the pretrained weights it needs, whether it gives pixel
-    anomaly maps ('maps') or only an image score ('no maps'), and its paper."""
-    import inspect
+    anomaly maps ('maps') or only an image score ('no maps'), and its paper; with a NAME, that model in full
+    (its method, departures from the paper, and its options with their defaults)."""
+    from aeflow.models.catalog import describe_model, list_models
 
-    from aeflow.models import available_models
-    from aeflow.models.base import _REGISTRY
-
-    width = max([16, *map(len, available_models())]) + 1  # a name never runs into the next column
-    room = 80 - width - 28 - 8  # what is left of 80 columns for the paper
-    for name in available_models():
-        cls = _REGISTRY[name]
-        doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
-        paper = " ".join(doc.split("\n\n")[0].split())
-        paper = paper if len(paper) <= room else paper[:room - 3] + "..."
-        # a model that forwards **options to its parent (aeflow_gmm -> aeflow) takes the parent's backbone
-        params = next((inspect.signature(k.__init__).parameters for k in cls.__mro__
-                       if "backbone" in inspect.signature(k.__init__).parameters), inspect.signature(cls.__init__).parameters)
-        backbone = params["backbone"].default if "backbone" in params else None
-        pretrained = params["pretrained"].default if "pretrained" in params else backbone is not None
-        weights = (f"weights: {backbone}" if pretrained and isinstance(backbone, str) else
-                   "weights: local files" if pretrained else "no weights needed")
-        # the class says whether its maps localise; a model whose maps are an option (k-NN's pixel_level) by default
-        option = next((inspect.signature(k.__init__).parameters["pixel_level"] for k in cls.__mro__
-                       if "pixel_level" in inspect.signature(k.__init__).parameters), None)
-        maps = cls.gives_pixel_maps and (option is None or bool(option.default))
-        typer.echo(f"{name:{width}s}{weights:28s}{'maps' if maps else 'no maps':8s}{paper}")
+    with user_errors():
+        typer.echo(describe_model(name) if name else list_models())
 
 
 app.command("benchmark")(benchmark_command)

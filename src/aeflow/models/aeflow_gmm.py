@@ -150,6 +150,10 @@ class AEFlowGMM(AEFlow):
 
     learns_from_labelled_anomalies = True
     takes_anomaly_types = True
+    # AE-FLOW options whose default differs here. The reference-space posterior whitens z' with the reference's
+    # per-position Gaussians: the mixture keeps reference="position" (AE-FLOW's "memory" bank has no Gaussians to
+    # whiten with) unless told otherwise.
+    parent_option_defaults = {"reference": "position"}
 
     def __init__(self, *, gamma: float | str = "validated", anomaly_types: Sequence[str] | None = None,
                  map_mode: str = "position", posterior_space: str | None = None, latent_prior: bool = True,
@@ -157,9 +161,7 @@ class AEFlowGMM(AEFlow):
                  unlabelled_anomaly_prior: float = 0.1, em_momentum: float = 0.05, initial_var: float = 4.0,
                  initial_fraction: float = 0.1, **aeflow_options):
         self.posterior_map = map_mode == "posterior"
-        # The reference-space posterior whitens z' with the reference's per-position Gaussians: the mixture keeps
-        # reference="position" (AE-FLOW's "memory" bank has no Gaussians to whiten with) unless told otherwise.
-        aeflow_options.setdefault("reference", "position")
+        aeflow_options = {**self.parent_option_defaults, **aeflow_options}
         if self.posterior_map:  # AE-FLOW's own map until the mixture is trained
             map_mode = "position" if aeflow_options["reference"] != "none" else "residual"
         super().__init__(map_mode=map_mode, **aeflow_options)
