@@ -14,6 +14,7 @@ import torch
 
 from aeflow.errors import CheckpointError, ConfigError
 from aeflow.training import PRESETS, TrainConfig, load_checkpoint, load_run, train
+from aeflow.training.checkpoint import newest_valid_checkpoint
 
 
 def tiny_config(**overrides) -> dict:
@@ -103,7 +104,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
             child.kill()
         child.wait()
     steps_per_epoch = n_train // batch
-    before = load_checkpoint(last)  # the killed run's checkpoint is whole (atomic write)
+    # Both checkpoints are whole (atomic writes); a kill between an epoch's `best` and `last` writes leaves `best`
+    # one epoch further, and the resume continues from whichever is furthest.
+    before = load_checkpoint(newest_valid_checkpoint([last, last.with_name("best.safetensors")]))
     assert before["global_step"] == (before["epoch"] + 1) * steps_per_epoch < epochs * steps_per_epoch
 
     train(config, run, resume=True)
