@@ -41,16 +41,21 @@ def write_rows(path: Path, rows: list[dict], columns: list[str] | None = None) -
 
 
 class _AtomicWriter(ExperimentWriter):
-    """Lightning's experiment writer with a save that never leaves a torn `metrics.csv`."""
+    """Lightning's experiment writer with a save that never leaves a torn `metrics.csv`. It keeps the rows it has
+    written (the file is its own: lightning's writer deletes an older one when it starts), so a save writes them
+    all again without reading the file back."""
+
+    def __init__(self, log_dir: str):
+        super().__init__(log_dir)
+        self.saved: list[dict] = []
 
     def save(self) -> None:
         if not self.metrics:
             return
         self._record_new_keys()
-        path = Path(self.metrics_file_path)
-        rows = read_rows(path) + self.metrics
-        write_rows(path, rows, list(dict.fromkeys([*self.metrics_keys, *(key for row in rows for key in row)])))
-        self.metrics = []
+        rows = self.saved + self.metrics
+        write_rows(Path(self.metrics_file_path), rows, self.metrics_keys)
+        self.saved, self.metrics = rows, []  # only once written: a failed save is tried again whole
 
 
 class CurvesLogger(CSVLogger):
