@@ -237,8 +237,10 @@ def build_aeflow(method: str, size: int, fit_images: int, fast: bool = False) ->
     def make_train_step():
         if not model.trained_by_gradient:
             return None
+        from aeflow.training.module import adam
+
         model.train()
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as aeflow's training
 
         def step(x):
             batch = _aeflow_batch(x)

@@ -99,3 +99,85 @@ def test_image_norm_forgets_each_images_feature_scale_and_the_channel_norm_does_
 def test_rejects_unknown_input_norm():
     with pytest.raises(ConfigError, match="input_norm"):
         FlowBottleneck(8, input_norm="batch")
+
+
+def _freia_and_ours(shape: tuple[int, ...], subnet):
+    """FrEIA's AllInOneBlock and a PermutationStep built with another permutation, then given FrEIA's state dict."""
+    import FrEIA.modules as Fm
+    import numpy as np
+
+    from aeflow.nn.flow import PermutationStep
+
+    kwargs = {"subnet_constructor": subnet, "affine_clamping": 2.0, "global_affine_type": "SOFTPLUS",
+              "permute_soft": False}
+    np.random.seed(0)
+    freia = Fm.AllInOneBlock([shape], **kwargs)
+    np.random.seed(1)
+    ours = PermutationStep([shape], **kwargs)
+    assert not torch.equal(ours.w_perm, freia.w_perm), "the two must start with different permutations"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in freia.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    ours.load_state_dict(freia.state_dict())
+    return freia, ours
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_permutation_by_index_equals_freias_step_bit_for_bit(rank):
+    from torch import nn
+
+    from aeflow.nn.flow import _subnet_constructor
+
+    if rank == 3:
+        shape, subnet, x = (16, 1, 1), _subnet_constructor("conv", 1.0), torch.randn(4, 16, 5, 5)
+    else:
+        shape, x = (12,), torch.randn(4, 12)
+
+        def subnet(c_in, c_out):
+            return nn.Sequential(nn.Linear(c_in, 8), nn.ReLU(), nn.Linear(8, c_out))
+    freia, ours = _freia_and_ours(shape, subnet)
+    (y_freia,), log_det_freia = freia([x])
+    (y_ours,), log_det_ours = ours([x])
+    assert (y_ours - x).abs().max() > 0.1
+    assert torch.equal(y_ours, y_freia) and torch.equal(log_det_ours, log_det_freia)
+    (x_freia,), _ = freia([y_freia], rev=True)
+    (x_ours,), _ = ours([y_ours], rev=True)
+    assert torch.equal(x_ours, x_freia) and (x_ours - x).abs().max() < 1e-5
+    # the gradients too: the backward of index_select is that of the 0/1 convolution
+    x.requires_grad_(True)
+    grad_freia, = torch.autograd.grad(freia([x])[0][0].square().sum(), x)
+    grad_ours, = torch.autograd.grad(ours([x])[0][0].square().sum(), x)
+    assert torch.allclose(grad_ours, grad_freia, rtol=0, atol=1e-6)
+
+
+def test_permutation_step_refuses_a_soft_permutation_and_a_matrix_that_is_not_one():
+    from aeflow.nn.flow import PermutationStep, _subnet_constructor
+
+    with pytest.raises(ConfigError, match="hard permutation"):
+        PermutationStep([(8, 1, 1)], subnet_constructor=_subnet_constructor("conv", 1.0), permute_soft=True)
+    step = PermutationStep([(8, 1, 1)], subnet_constructor=_subnet_constructor("conv", 1.0))
+    state = step.state_dict()
+    state["w_perm"] = torch.full_like(state["w_perm"], 1 / 8)
+    with pytest.raises(ConfigError, match="not a permutation"):
+        step.load_state_dict(state)
+
+
+def test_training_adam_is_fused_on_the_cpu_and_takes_the_same_steps():
+    from aeflow.training.module import adam
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    start = [w.detach().clone() for w in weights]
+    copies = [torch.nn.Parameter(w.clone()) for w in start]
+    fused, plain = adam(weights, lr=1e-2, weight_decay=1e-4), torch.optim.Adam(copies, lr=1e-2, weight_decay=1e-4)
+    assert fused.param_groups[0]["fused"] is True and not plain.param_groups[0]["fused"]
+    for _ in range(5):
+        for params, optimizer in ((weights, fused), (copies, plain)):
+            optimizer.zero_grad()
+            (params[0] @ params[1]).sin().sum().backward()
+            optimizer.step()
+    for a, b, a0 in zip(weights, copies, start):
+        assert (a - a0).abs().min() > 1e-3, "every weight moved"
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)

@@ -16,7 +16,8 @@ Choices of this implementation:
   range for exp) is used directly: every scale is weighted by its own likelihood, with no test-set statistic.
 - Each flow starts with FrEIA's ActNorm (std floored at 1e-3), initialised from the first batch it sees: backbone features are far
   from unit scale, and the couplings should not spend their training absorbing that.
-- Coupling steps are FrEIA's AllInOneBlock with the paper's MLP (in -> 2 * in -> out, ReLU) coupling network,
+- Coupling steps are FrEIA's AllInOneBlock (as aeflow.nn.flow.PermutationStep: the same step, the permutation by
+  indexing) with the paper's MLP (in -> 2 * in -> out, ReLU) coupling network,
   clamp 1.9, and a fixed random channel permutation after each step (the authors use a soft, i.e. random
   orthogonal, one; FrEIA warns that it is very slow to build for hundreds of channels).
 """
@@ -35,6 +36,7 @@ from aeflow.data.sample import Batch
 from aeflow.errors import ConfigError
 from aeflow.models.base import AnomalyModel, register
 from aeflow.nn.blocks import FeatureStages
+from aeflow.nn.flow import PermutationStep
 
 
 class ActNorm(Fm.ActNorm):
@@ -66,7 +68,7 @@ def vector_flow(dims: int, steps: int, clamp: float, subnet=mlp_subnet, cond_dim
     inn.append(ActNorm)
     for _ in range(steps):
         inn.append(
-            Fm.AllInOneBlock,
+            PermutationStep,
             cond=None if cond_dims is None else 0,
             cond_shape=None if cond_dims is None else (cond_dims,),
             subnet_constructor=subnet,
