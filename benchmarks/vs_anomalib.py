@@ -22,7 +22,8 @@ What is compared (each pair built once, then timed in interleaved rounds, median
   (PaDiM's Gaussians, PatchCore's coreset-subsampled bank, ratio 0.1, the same bank size on both sides).
 - Training step: forward + loss + backward + optimiser step(s) of one batch, each library's own loss and optimiser
   (anomalib: the Lightning module's `training_step`, with `optimizers()` / `manual_backward` supplied where it
-  optimises by hand (CFlow, GANomaly); aeflow: `model.loss(batch)["loss"]` and Adam).
+  optimises by hand (CFlow, GANomaly); aeflow: `model.loss(batch)["loss"]` and the Adam its training uses,
+  `aeflow.training.module.adam`, fused).
 - Peak memory: a fresh subprocess per contender that imports only its own library, builds, fits and runs inference
   at one size and batch: its own peak resident memory (VmHWM; a child's ru_maxrss starts from its parent's
   peak) and the resident memory just before the first inference.
