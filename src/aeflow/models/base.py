@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -57,6 +57,9 @@ class AnomalyModel(nn.Module):
     name: str = "base"
     trained_by_gradient: bool = True
     gives_pixel_maps: bool = True  # False: predict's anomaly_map is the image score at every pixel
+    #: Constructor options added after runs were saved, with the value that such runs' models implicitly had; a
+    #: saved config without the option is rebuilt with it (`saved_model_options`), a new model gets the default.
+    options_of_older_runs: dict[str, Any] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -143,6 +146,13 @@ def register(name: str):
 
 def available_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def saved_model_options(name: str, options: dict) -> dict:
+    """The constructor options of a saved run's model: its recorded config, plus the value older runs had for
+    every option added to the model since they were saved (`AnomalyModel.options_of_older_runs`)."""
+    model_class = _REGISTRY.get(name)
+    return {**(model_class.options_of_older_runs if model_class else {}), **options}
 
 
 def create_model(name: str, **kwargs) -> AnomalyModel:

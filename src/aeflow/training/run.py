@@ -48,7 +48,7 @@ import aeflow
 from aeflow.data import load_data, save_splits
 from aeflow.data.sample import collate
 from aeflow.errors import CheckpointError, ConfigError
-from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, create_model
+from aeflow.models.base import MIN_VALIDATION_PER_CLASS, AnomalyModel, create_model, saved_model_options
 from aeflow.training.checkpoint import (SafeCheckpointIO, load_checkpoint, model_state, newest_valid_checkpoint,
                                        save_checkpoint)
 from aeflow.training.distributed import STRATEGIES, ShardSampler, WholeSplitSampler, launched_rank
@@ -311,12 +311,12 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tupl
     found = next((path for path in candidates if path.is_file()), None)
     if found is None:
         raise CheckpointError(f"{run_dir}: no weights ({', '.join(p.name for p in candidates)} all missing)")
-    kwargs = dict(config["model_config"])
+    model_name = config["train"]["model"]
+    kwargs = saved_model_options(model_name, config["model_config"])
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False
     if "weights" in kwargs:
         kwargs["weights"] = None
-    model_name = config["train"]["model"]
     check_weights_fit(model_name, kwargs, checkpoint_shapes(found, model_file=found.name == MODEL_FILE), found,
                       config_path)
     checkpoint = load_checkpoint(found)
