@@ -14,7 +14,7 @@ TINY_DATA = {"layout": "synthetic", "n_train": 24, "n_val": 12, "n_test": 16, "s
 
 
 @pytest.mark.slow
-def test_two_models_two_seeds_make_one_leaderboard(tmp_path):
+def test_two_models_two_seeds_make_one_leaderboard(tmp_path, monkeypatch):
     out = run_benchmark(
         ["ae", {"model": "padim"}], TINY_DATA, seeds=[0, 1], out_dir=tmp_path / "board", image_size=32,
         epochs=1, batch_size=8, model_kwargs={"ae": {"widths": [8, 16, 32, 64]},
@@ -53,11 +53,35 @@ def test_two_models_two_seeds_make_one_leaderboard(tmp_path):
     assert "<table>" in (out / "leaderboard.html").read_text()
 
     # A finished benchmark is reused, not retrained: the run folders are left as they were.
-    stamp = (out / "ae-s0" / "benchmark.json").stat().st_mtime_ns
-    run_benchmark(["ae", {"model": "padim"}], TINY_DATA, seeds=[0, 1], out_dir=out, image_size=32, epochs=1,
-                  batch_size=8, model_kwargs={"ae": {"widths": [8, 16, 32, 64]},
-                                              "padim": {"backbone": "efficientnet_lite0"}})
-    assert (out / "ae-s0" / "benchmark.json").stat().st_mtime_ns == stamp
+    def again():
+        run_benchmark(["ae", {"model": "padim"}], TINY_DATA, seeds=[0, 1], out_dir=out, image_size=32, epochs=1,
+                      batch_size=8, model_kwargs={"ae": {"widths": [8, 16, 32, 64]},
+                                                  "padim": {"backbone": "efficientnet_lite0"}})
+
+    stamps = {run: (out / run / "benchmark.json").stat().st_mtime_ns for run in ("ae-s0", "padim-s1")}
+    again()
+    assert {run: (out / run / "benchmark.json").stat().st_mtime_ns for run in stamps} == stamps
+
+    # A run trained before a default of its model changed records the same train config but another model
+    # config: it is refused, naming the option, rather than reused as if it were the current model.
+    config_path = out / "ae-s1" / "config.json"
+    document = json.loads(config_path.read_text())
+    assert document["model_config"]["blur_sigma"] == 2.0  # the default now
+    document["model_config"]["blur_sigma"] = 1.0
+    config_path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=r"ae-s1 holds a run of the same config whose model has since changed "
+                                          r"its defaults \(blur_sigma 1.0 -> 2.0\)"):
+        again()
+    # One saved before the option existed is rebuilt with the value older runs had (options_of_older_runs).
+    del document["model_config"]["blur_sigma"]
+    config_path.write_text(json.dumps(document))
+    from aeflow.models.ae import AutoEncoder
+
+    monkeypatch.setattr(AutoEncoder, "options_of_older_runs", {"blur_sigma": 2.0})
+    again()
+    monkeypatch.setattr(AutoEncoder, "options_of_older_runs", {"blur_sigma": 3.0})
+    with pytest.raises(ConfigError, match=r"blur_sigma 3.0 -> 2.0"):
+        again()
 
 
 def test_per_model_options_that_would_change_the_split_are_refused(tmp_path):

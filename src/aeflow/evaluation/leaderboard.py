@@ -124,12 +124,12 @@ def run_benchmark(
     threshold = {"rule": threshold_rule, "params": threshold_params or {}}
     for (name, seed), config in configs.items():
         run_dir = out_dir / f"{name}-s{seed}"
-        if _finished(run_dir, config, threshold):
-            log.info("%s: finished earlier with the same config and threshold rule, reused", run_dir)
-            continue
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"{run_dir} holds an unfinished run or one with another config: remove it and "
-                              f"run the benchmark again")
+            why_not = _why_not_reused(run_dir, config, threshold)
+            if not why_not:
+                log.info("%s: finished earlier with the same config and threshold rule, reused", run_dir)
+                continue
+            raise ConfigError(f"{run_dir} holds {why_not}: remove it and run the benchmark again")
         job = (config, str(run_dir), threshold, threads)
         if isolate:
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -338,16 +338,29 @@ def _entries(models: list[str | dict], model_kwargs: dict[str, dict]) -> dict[st
     return entries
 
 
-def _finished(run_dir: Path, config: dict, threshold: dict) -> bool:
-    """Whether `run_dir` holds a finished benchmark run trained with exactly `config` and evaluated with
-    `threshold`."""
+def _why_not_reused(run_dir: Path, config: dict, threshold: dict) -> str:
+    """Empty when `run_dir` holds a finished benchmark run of exactly `config`, evaluated with `threshold`, whose
+    model is the one the code builds now; else what the folder holds instead. A run trained before one of its
+    model's defaults changed records the same train config but another model config: it is not reused."""
+    from aeflow.models.base import saved_model_options
     from aeflow.training import TrainConfig
+    from aeflow.training.run import model_config_now, without_weight_source
 
     if not all((run_dir / name).is_file() for name in (RUN_FILE, "metrics.json", "config.json")):
-        return False
-    stored = json.loads((run_dir / "config.json").read_text())["train"]
-    wanted = json.loads(json.dumps(dataclasses.asdict(TrainConfig.from_dict(config)), default=str))
-    return stored == wanted and json.loads((run_dir / RUN_FILE).read_text()).get("threshold") == threshold
+        return "an unfinished run"
+    document = json.loads((run_dir / "config.json").read_text())
+    train_config = TrainConfig.from_dict(config)
+    if document["train"] != json.loads(json.dumps(dataclasses.asdict(train_config), default=str)):
+        return "a run with another config"
+    if json.loads((run_dir / RUN_FILE).read_text()).get("threshold") != threshold:
+        return "a run evaluated with another threshold rule"
+    recorded = without_weight_source(saved_model_options(train_config.model, document["model_config"]))
+    now = model_config_now(train_config, recorded.get("anomaly_types") or [])
+    changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        return f"a run of the same config whose model has since changed its defaults ({shown})"
+    return ""
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict, dict]:

@@ -331,16 +331,39 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tupl
     return model.to(device).eval(), config
 
 
-def _build_model(config: TrainConfig, labelled_types: list[str]) -> AnomalyModel:
+def _build_model(config: TrainConfig, labelled_types: list[str], **overrides) -> AnomalyModel:
     """The model of `config`, fitted to the data where the config leaves it open: the data's channel count, and for
-    a model with a component per anomaly type (`takes_anomaly_types`), the types of the labelled anomalies."""
-    kwargs = dict(config.model_kwargs)
+    a model with a component per anomaly type (`takes_anomaly_types`), the types of the labelled anomalies.
+    overrides: constructor options over the config's (`model_config_now` builds without pretrained weights)."""
+    given = {**config.model_kwargs, **overrides}
+    kwargs = dict(given)
     model = create_model(config.model, **kwargs)
     if model.config().get("in_channels", config.channels) != config.channels and "in_channels" not in kwargs:
         kwargs["in_channels"] = config.channels
     if getattr(model, "takes_anomaly_types", False) and labelled_types and "anomaly_types" not in kwargs:
         kwargs["anomaly_types"] = labelled_types
-    return model if kwargs == config.model_kwargs else create_model(config.model, **kwargs)
+    return model if kwargs == given else create_model(config.model, **kwargs)
+
+
+#: Constructor options that say where a backbone's weights come from, not what the model is.
+WEIGHT_SOURCE_OPTIONS = ("pretrained", "weights")
+
+
+def model_config_now(config: TrainConfig, labelled_types: list[str]) -> dict:
+    """The model config (`AnomalyModel.config()`, JSON as in config.json) that training `config` records with the
+    code as it is now, less WEIGHT_SOURCE_OPTIONS: the model is built without loading pretrained weights. A run
+    whose recorded model config differs (`saved_model_options`) was trained before a model default changed."""
+    from aeflow.models.base import _REGISTRY
+    from aeflow.training.schema import model_keywords
+
+    names, _ = model_keywords(_REGISTRY[config.model])
+    overrides = {k: v for k, v in {"pretrained": False, "weights": None}.items() if k in names}
+    built = _build_model(config, labelled_types, **overrides).config()
+    return without_weight_source(json.loads(json.dumps(built, default=str)))
+
+
+def without_weight_source(model_config: dict) -> dict:
+    return {k: v for k, v in model_config.items() if k not in WEIGHT_SOURCE_OPTIONS}
 
 
 def _labelled_for_training(data, config: TrainConfig, model: AnomalyModel) -> Dataset | None:
@@ -522,16 +545,21 @@ class _EpochLog(L.Callback):
 
 def _resumed_config(run_dir: Path, config: TrainConfig) -> TrainConfig:
     try:
-        stored = json.loads((run_dir / CONFIG_FILE).read_text())["train"]
+        document = json.loads((run_dir / CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} holds no run to resume (no {CONFIG_FILE})") from None
+    stored = document["train"]
     # A field added after the run was written counts as its default there.
     defaults = dataclasses.asdict(TrainConfig())
     changed = {k for k, v in dataclasses.asdict(config).items() if stored.get(k, _jsonable(defaults[k])) != _jsonable(v)}
     if changed - RESUMABLE_CHANGES:
         raise ConfigError(f"cannot resume {run_dir} with a different {', '.join(sorted(changed - RESUMABLE_CHANGES))}"
                           f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
-    return config
+    # A model option added after the run was written is rebuilt with the value such runs had, as load_run does:
+    # the new default would not fit the run's checkpoints.
+    recorded = document.get("model_config", {})
+    older = {k: v for k, v in saved_model_options(config.model, recorded).items() if k not in recorded}
+    return dataclasses.replace(config, model_kwargs={**older, **config.model_kwargs}) if older else config
 
 
 def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdout: list[str],
