@@ -3,6 +3,7 @@
     python benchmarks/boards.py magnetic_tile --jobs 2          # runs/boards/magnetic_tile/leaderboard.md
     python benchmarks/boards.py pneumoniamnist --jobs 2        # runs/boards/pneumoniamnist/leaderboard.md
     python benchmarks/boards.py magnetic_tile --print          # the `aeflow benchmark` commands, not run
+    python benchmarks/boards.py pneumoniamnist --models ganomaly --out runs/boards/pn_ganomaly   # a subset
 
 Every method with a model of its own (`aeflow models`; WinCLIP and SAA need weights files this machine does not
 have, and the supervised probe needs labelled anomalies) runs 3 seeds on the board's split at 64 px, 4 epochs,
@@ -62,10 +63,10 @@ MODELS: dict[str, tuple[float, list[str]]] = {
 }
 
 
-def groups(n: int) -> list[list[str]]:
+def groups(n: int, names: list[str]) -> list[list[str]]:
     """The models in n groups of about equal cost (largest first, each to the cheapest group so far)."""
     out: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(max(1, n))]
-    for name in sorted(MODELS, key=lambda m: -MODELS[m][0]):
+    for name in sorted(names, key=lambda m: -MODELS[m][0]):
         i = min(range(len(out)), key=lambda j: out[j][0])
         out[i] = (out[i][0] + MODELS[name][0], out[i][1] + [name])
     return [names for _, names in out if names]
@@ -87,12 +88,18 @@ def main() -> None:
     parser.add_argument("board", choices=sorted(DATA))
     parser.add_argument("--jobs", type=int, default=1, help="groups of models run side by side, one thread each")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--models", help="a comma-separated subset (e.g. a model whose defaults changed), into its "
+                                         "own --out: default every model")
     parser.add_argument("--out", type=Path, help="default: runs/boards/BOARD")
     parser.add_argument("--print", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
     out = args.out or ROOT / "runs" / "boards" / args.board
-    parts = [command(args.board, names, out, args.seeds) for names in groups(args.jobs)]
-    final = command(args.board, list(MODELS), out, args.seeds)
+    names = args.models.split(",") if args.models else list(MODELS)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"not on the boards: {', '.join(unknown)}; the boards' models: {', '.join(MODELS)}")
+    parts = [command(args.board, group, out, args.seeds) for group in groups(args.jobs, names)]
+    final = command(args.board, names, out, args.seeds)
     if args.print:
         for cmd in [*parts, final]:
             print("OMP_NUM_THREADS=1 " + shlex.join(cmd))
