@@ -157,7 +157,8 @@ def test_presets_and_options():
     paper = TrainConfig.from_dict({"preset": "paper"})
     assert (paper.lr, paper.weight_decay, paper.max_epochs, paper.image_size) == (2e-3, 1e-5, 100, 256)
     assert paper.model_kwargs == {"backbone": "wide_resnet50_2", "freeze_encoder": True, "flow_steps": 8,
-                                  "subnet": "resnet", "alpha": 0.5, "beta": 0.9, "score_mode": "paper",
+                                  "subnet": "resnet", "decoder_widths": [512, 256, 64], "alpha": 0.5,
+                                  "beta": 0.9, "score_mode": "paper",
                                   "feature_norm": "channel", "stages": [16], "decoder": "transposed",
                                   "map_mode": "residual", "reference": "none"}
     assert paper.select_on == "val_loss"
