@@ -83,22 +83,22 @@ train({config}, {run!r})
 """
 
 
-def test_resume_of_a_run_saved_before_a_model_option_existed_rebuilds_its_old_model(tmp_path):
-    """GANomaly's `blocks` came after runs were saved with the plain-convolution networks: resuming such a run
-    builds those networks again (the default DCGAN ones would not take its checkpoint), as load_run does."""
+def test_resume_rebuilds_the_model_the_run_recorded_not_todays_defaults(tmp_path):
+    """A run resumed after its model's defaults changed gets the model it started with, as load_run does: GANomaly's
+    `blocks` came after runs were saved with the plain-convolution networks (their config.json has no such key),
+    and a default that changed since (here `latent_channels`, as if it had been 4 then) is read from the record."""
     config = {"model": "ganomaly", "model_kwargs": {"widths": [8, 16], "latent_channels": 4, "blocks": "conv"},
               "data": {"layout": "synthetic", "n_train": 16, "n_val": 8, "n_test": 4}, "image_size": 32,
               "batch_size": 8, "max_epochs": 1, "progress_bar": False}
     run = train(config, tmp_path / "run")
     document = json.loads((run / "config.json").read_text())
     del document["model_config"]["blocks"]  # as written before the option was added
-    del document["train"]["model_kwargs"]["blocks"]
+    document["train"]["model_kwargs"] = {"widths": [8, 16]}  # the rest were defaults when the run started
     (run / "config.json").write_text(json.dumps(document))
-    del config["model_kwargs"]["blocks"]
-    train({**config, "max_epochs": 2}, run, resume=True)
+    train({**config, "model_kwargs": {"widths": [8, 16]}, "max_epochs": 2}, run, resume=True)
     assert load_checkpoint(run / "checkpoints" / "last.safetensors")["epoch"] == 1
     model, _ = load_run(run)
-    assert model.config()["blocks"] == "conv"
+    assert model.config()["blocks"] == "conv" and model.config()["latent_channels"] == 4
 
 
 @pytest.mark.slow

@@ -555,11 +555,10 @@ def _resumed_config(run_dir: Path, config: TrainConfig) -> TrainConfig:
     if changed - RESUMABLE_CHANGES:
         raise ConfigError(f"cannot resume {run_dir} with a different {', '.join(sorted(changed - RESUMABLE_CHANGES))}"
                           f"; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
-    # A model option added after the run was written is rebuilt with the value such runs had, as load_run does:
-    # the new default would not fit the run's checkpoints.
-    recorded = document.get("model_config", {})
-    older = {k: v for k, v in saved_model_options(config.model, recorded).items() if k not in recorded}
-    return dataclasses.replace(config, model_kwargs={**older, **config.model_kwargs}) if older else config
+    # The model is rebuilt as the run recorded it (config.json's model_config, plus the value older runs had for an
+    # option added since), as load_run does: a default changed since the run started would not fit its checkpoints.
+    recorded = saved_model_options(config.model, document.get("model_config", {}))
+    return dataclasses.replace(config, model_kwargs={**recorded, **config.model_kwargs})
 
 
 def _write_config(run_dir: Path, config: TrainConfig, model: AnomalyModel, holdout: list[str],
