@@ -69,7 +69,7 @@ def groups(n: int, names: list[str]) -> list[list[str]]:
     for name in sorted(names, key=lambda m: -MODELS[m][0]):
         i = min(range(len(out)), key=lambda j: out[j][0])
         out[i] = (out[i][0] + MODELS[name][0], out[i][1] + [name])
-    return [names for _, names in out if names]
+    return [group for _, group in out if group]
 
 
 def command(board: str, names: list[str], out: Path, seeds: str) -> list[str]:
