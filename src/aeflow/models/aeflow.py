@@ -154,8 +154,8 @@ class AEFlow(AnomalyModel):
       of one more forward pass of encoder and flows per epoch). At most `reference_channels` channels of each
       stage enter it (a fixed random subset, as PaDiM does, where a stage has more).
     - `decoder`: "transposed" (paper) or "upsample" (no checkerboard artefacts, see `Decoder`).
-    - `decoder_widths`: 128/64/32 (default), narrower than the paper's 512/256/64 (the `paper*` presets), about
-      1/16 of its multiply-adds. Measured at the boards' set-up (EfficientNet-Lite0, conv coupling, 4 epochs, 3
+    - `decoder_widths`: 128/64/32 (default), narrower than the paper's 512/256/64 (the `paper*` presets): 0.067
+      against 0.79 GFLOP per 64-px image behind EfficientNet-Lite0 (docs/results/ablation_decoder.md). Measured at the boards' set-up (EfficientNet-Lite0, conv coupling, 4 epochs, 3
       seeds, one change at a time, `benchmarks/aeflow_ablation.py --rows 8`, docs/results/ablation_decoder.md):
       the paper's widths rank images no better (magnetic tile 0.985 +- 0.007 against 0.984 +- 0.007,
       PneumoniaMNIST 0.916 +- 0.010 against 0.918 +- 0.006, validation 0.978 both) and the tiles' pixel AUROC

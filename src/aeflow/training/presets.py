@@ -12,7 +12,7 @@
   128/64/32).
 - `quick`: minutes on a laptop CPU (the demo): the measured defaults with EfficientNet-Lite0, whose real ImageNet
   weights ship in a pip package, at 128 px, 10 epochs, and the narrow decoder (128/64/32 channels, the model's
-  default): the paper's 512/256/64 decoder is 16x the multiply-adds at this size and took most of the time.
+  default): the paper's 512/256/64 decoder is 12x its FLOPs (docs/results/ablation_decoder.md) and took most of the time.
 """
 
 from __future__ import annotations

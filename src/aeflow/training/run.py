@@ -312,11 +312,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tupl
     if found is None:
         raise CheckpointError(f"{run_dir}: no weights ({', '.join(p.name for p in candidates)} all missing)")
     model_name = config["train"]["model"]
-    kwargs = saved_model_options(model_name, config["model_config"])
-    if "pretrained" in kwargs:
-        kwargs["pretrained"] = False
-    if "weights" in kwargs:
-        kwargs["weights"] = None
+    kwargs = without_weight_files(model_name, saved_model_options(model_name, config["model_config"]))
     check_weights_fit(model_name, kwargs, checkpoint_shapes(found, model_file=found.name == MODEL_FILE), found,
                       config_path)
     checkpoint = load_checkpoint(found)
@@ -345,25 +341,31 @@ def _build_model(config: TrainConfig, labelled_types: list[str], **overrides) ->
     return model if kwargs == given else create_model(config.model, **kwargs)
 
 
-#: Constructor options that say where a backbone's weights come from, not what the model is.
-WEIGHT_SOURCE_OPTIONS = ("pretrained", "weights")
+#: The constructor options that say where a backbone's weights come from (not what the model is), set so that
+#: none are loaded: a saved run's weights come from its checkpoint.
+NO_WEIGHT_FILES = {"pretrained": False, "weights": None}
+
+
+def without_weight_files(model: str, options: dict) -> dict:
+    """`options` for `model` with NO_WEIGHT_FILES set wherever its constructor takes them."""
+    from aeflow.models.base import _REGISTRY
+    from aeflow.training.schema import model_keywords
+
+    names, _ = model_keywords(_REGISTRY[model])
+    return {**options, **{k: v for k, v in NO_WEIGHT_FILES.items() if k in names}}
 
 
 def model_config_now(config: TrainConfig, labelled_types: list[str]) -> dict:
     """The model config (`AnomalyModel.config()`, JSON as in config.json) that training `config` records with the
-    code as it is now, less WEIGHT_SOURCE_OPTIONS: the model is built without loading pretrained weights. A run
-    whose recorded model config differs (`saved_model_options`) was trained before a model default changed."""
-    from aeflow.models.base import _REGISTRY
-    from aeflow.training.schema import model_keywords
-
-    names, _ = model_keywords(_REGISTRY[config.model])
-    overrides = {k: v for k, v in {"pretrained": False, "weights": None}.items() if k in names}
+    code as it is now, less the weight-source options: the model is built without loading pretrained weights. A
+    run whose recorded model config differs (`saved_model_options`) was trained before a model default changed."""
+    overrides = without_weight_files(config.model, {})
     built = _build_model(config, labelled_types, **overrides).config()
     return without_weight_source(json.loads(json.dumps(built, default=str)))
 
 
 def without_weight_source(model_config: dict) -> dict:
-    return {k: v for k, v in model_config.items() if k not in WEIGHT_SOURCE_OPTIONS}
+    return {k: v for k, v in model_config.items() if k not in NO_WEIGHT_FILES}
 
 
 def _labelled_for_training(data, config: TrainConfig, model: AnomalyModel) -> Dataset | None:
